@@ -1,0 +1,51 @@
+"""Keep credentials out of everything a person or a log can read.
+
+URIs may carry secrets (``s3://KEY:SECRET@bucket``, ``https://user:token@host``,
+``?X-Amz-Signature=...``). Anything that leaves the process -- log lines, error
+messages, MLflow params and tags, Prefect artifacts -- goes through ``redact``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "signature", "credential", "session", "key")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_MASK = "***"
+
+
+def _is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_uri(uri: str) -> str:
+    """Drop userinfo and secret-looking query parameters from a URI."""
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = urlencode(
+        [(k, _MASK if _is_secret_name(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def environment_secrets() -> list[str]:
+    """Values of secret-looking environment variables (AWS keys, tokens), to scrub from free text."""
+    return [
+        value
+        for name, value in os.environ.items()
+        if _is_secret_name(name) and len(value) >= 6 and not name.startswith(("PALM_RLHF_", "PYTEST"))
+    ]
+
+
+def redact(text: str) -> str:
+    """Scrub credentials from free text: URI userinfo and any secret environment value."""
+    text = _USERINFO.sub(lambda m: m.group("scheme"), text)
+    for value in environment_secrets():
+        text = text.replace(value, _MASK)
+    return text
