@@ -1,0 +1,177 @@
+"""Actor, critic and frozen reference policy on one PaLM, plus batched rollouts and the PPO update.
+
+With LoRA (the default) the pretrained weights stay frozen, the actor and critic train their own scopes, and the
+reference policy of the KL penalty is exactly the base model run without a scope: no second copy of the weights.
+Without LoRA the actor trains every weight and a frozen copy is kept as the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from models.palm import PaLM
+from models.ppo import (PPOConfig, entropy_from_logits, gae, gather_logprobs, kl_penalty_rewards, masked_mean,
+                        masked_whiten, policy_loss, value_loss)
+from models.reward import RewardModel
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, palm: PaLM, actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8):
+        super().__init__()
+        self.palm = copy.deepcopy(palm)
+        self.actor_lora, self.critic_lora, self.lora_r = actor_lora, critic_lora, lora_r
+        for scope, wanted in (("actor", actor_lora), ("critic", critic_lora)):
+            if wanted and scope not in self.palm.finetune_modules:
+                self.palm.add_finetune_params(scope, lora_r)
+        self.reference = None if actor_lora else _frozen(copy.deepcopy(palm))
+        self.critic_palm = None if critic_lora else copy.deepcopy(palm)
+        if actor_lora and critic_lora:
+            for p in self.palm.base_parameters():
+                p.requires_grad_(False)
+        self.value_head = nn.Linear(palm.config.dim, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def actor_scope(self) -> str | None:
+        return "actor" if self.actor_lora else None
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return self.palm.finetune_parameters("actor") if self.actor_lora else self.palm.base_parameters()
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        body = self.palm.finetune_parameters("critic") if self.critic_lora else list(self.critic_palm.parameters())
+        return [*body, *self.value_head.parameters()]
+
+    def policy_logits(self, seq: Tensor, mask: Tensor | None) -> Tensor:
+        return self.palm(seq, mask=mask, finetune_scope=self.actor_scope)
+
+    @torch.no_grad()
+    def reference_logits(self, seq: Tensor, mask: Tensor | None) -> Tensor:
+        if self.reference is not None:
+            return self.reference(seq, mask=mask)
+        return self.palm(seq, mask=mask)  # the frozen base without the actor's LoRA
+
+    def values(self, seq: Tensor, mask: Tensor | None) -> Tensor:
+        if self.critic_lora:
+            h = self.palm(seq, mask=mask, finetune_scope="critic", return_only_embedding=True)
+        else:
+            h = self.critic_palm(seq, mask=mask, return_only_embedding=True)
+        return self.value_head(h).squeeze(-1)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts: per-action scalars only, never a vocabulary-sized distribution."""
+
+    sequences: Tensor  # (b, P + T) left-padded prompt, then response
+    sequence_mask: Tensor  # (b, P + T) real tokens
+    prompt_mask: Tensor  # (b, P + T) prompt tokens
+    action_mask: Tensor  # (b, T) real actions (padding after eos is False)
+    logprobs: Tensor  # (b, T) under the policy that sampled them
+    ref_logprobs: Tensor  # (b, T) under the frozen reference
+    values: Tensor  # (b, T)
+    rewards: Tensor  # (b, T) KL penalty plus the score on the last action
+    scores: Tensor  # (b,) reward model score of each response
+    advantages: Tensor  # (b, T)
+    returns: Tensor  # (b, T)
+
+    @property
+    def num_actions(self) -> int:
+        return self.action_mask.shape[1]
+
+    def select(self, idx: Tensor) -> "Experience":
+        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).element_size() * getattr(self, f.name).nelement() for f in fields(self))
+
+
+def action_outputs(ac: ActorCritic, seq: Tensor, seq_mask: Tensor, T: int, *, with_values: bool = True,
+                   with_entropy: bool = False):
+    """Log-probs (and values, entropies) of the last T tokens of seq, each predicted from the position before it."""
+    inputs, mask = seq[:, :-1], seq_mask[:, :-1]
+    logits = ac.policy_logits(inputs, mask)[:, -T:]
+    actions = seq[:, -T:]
+    out = {"logprobs": gather_logprobs(logits, actions)}
+    if with_entropy:
+        out["entropy"] = entropy_from_logits(logits)
+    if with_values:
+        out["values"] = ac.values(inputs, mask)[:, -T:]
+    return out
+
+
+@torch.no_grad()
+def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor, prompt_mask: Tensor, *,
+                    max_new_tokens: int, kl_coef: float, cfg: PPOConfig, temperature: float = 1.0,
+                    eos_token: int | None = None, pad_value: int = 0,
+                    generator: torch.Generator | None = None) -> Experience:
+    """Sample responses for a batch of left-padded prompts and score them.
+
+    Rollouts sample from the full distribution (no top-k) so the log-probs PPO's ratio uses are the policy's own.
+    """
+    gen = ac.palm.sample(prompts, prompt_mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
+                         eos_token=eos_token, pad_value=pad_value, finetune_scope=ac.actor_scope,
+                         generator=generator)
+    seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
+    prompt_part = torch.cat((prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
+    out = action_outputs(ac, seq, seq_mask, T)
+    ref_logits = ac.reference_logits(seq[:, :-1], seq_mask[:, :-1])[:, -T:]
+    ref_logprobs = gather_logprobs(ref_logits, seq[:, -T:])
+    scores = reward_model.score(seq, mask=seq_mask, prompt_mask=prompt_part).float()
+    rewards = kl_penalty_rewards(scores, out["logprobs"], ref_logprobs, gen.mask, kl_coef)
+    advantages, returns = gae(rewards, out["values"].float(), gen.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, gen.mask)
+    return Experience(seq, seq_mask, prompt_part, gen.mask, out["logprobs"], ref_logprobs, out["values"].float(),
+                      rewards, scores, advantages, returns)
+
+
+def ppo_update(ac: ActorCritic, optimizer: torch.optim.Optimizer, experiences: list[Experience], cfg: PPOConfig,
+               minibatch_size: int, generator: torch.Generator | None = None) -> dict[str, float]:
+    """cfg.ppo_epochs passes over the experience in shuffled minibatches. Returns mean statistics."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    totals: dict[str, float] = {}
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        for exp in experiences:
+            order = torch.randperm(exp.sequences.shape[0], generator=generator)
+            for start in range(0, len(order), minibatch_size):
+                mb = exp.select(order[start:start + minibatch_size].to(exp.sequences.device))
+                out = action_outputs(ac, mb.sequences, mb.sequence_mask, mb.num_actions, with_entropy=True)
+                pg_loss, clip_frac, approx_kl = policy_loss(out["logprobs"], mb.logprobs, mb.advantages,
+                                                            mb.action_mask, cfg.clip_eps)
+                v_loss = value_loss(out["values"].float(), mb.values, mb.returns, mb.action_mask, cfg.value_clip_eps)
+                entropy = masked_mean(out["entropy"], mb.action_mask)
+                loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
+                                             f"{v_loss.item()})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                stats = {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy.item(),
+                         "clip_frac": clip_frac.item(), "approx_kl": approx_kl.item(), "grad_norm": grad_norm.item()}
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                count += 1
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+def rollout_stats(exp: Experience) -> dict[str, float]:
+    """What a person watches during PPO: reward, KL to the reference, response length."""
+    kl = ((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(-1)
+    n = exp.action_mask.sum(-1).float()
+    return {"reward": exp.scores.mean().item(), "kl": kl.mean().item(),
+            "kl_per_token": (kl.sum() / n.sum().clamp(min=1)).item(), "response_length": n.mean().item()}

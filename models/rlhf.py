@@ -1,0 +1,116 @@
+"""RLHFTrainer: PPO of a PaLM against a reward model, with the reference library's API, and best-of-n sampling.
+
+`train` keeps the reference's keywords and defaults; `step` is one PPO iteration (a batch of rollouts, then the
+update), which is what the pipeline checkpoints between.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.actor_critic import ActorCritic, Experience, make_experience, ppo_update, rollout_stats
+from models.palm import PaLM, as_prompt_batch
+from models.ppo import KLController, PPOConfig
+from models.reward import RewardModel
+
+
+def select_best_of_n(scores: Tensor, n: int) -> Tensor:
+    """scores (p, N) for N samples per prompt -> index of the best among the first n samples of each prompt."""
+    if not 1 <= n <= scores.shape[-1]:
+        raise ValueError(f"best-of-{n} needs 1 <= n <= {scores.shape[-1]} samples")
+    return scores[:, :n].argmax(dim=-1)
+
+
+class RLHFTrainer(nn.Module):
+    def __init__(self, *, palm: PaLM, reward_model: RewardModel, prompt_token_ids: Tensor | list[Tensor] | None = None,
+                 prompts_mask: Tensor | None = None, actor_lr: float = 1e-4, critic_lr: float = 1e-4,
+                 actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8, pad_value: int = 0,
+                 ppo: PPOConfig | None = None, generator: torch.Generator | None = None, **ppo_kwargs):
+        super().__init__()
+        self.cfg = ppo or PPOConfig(**ppo_kwargs)
+        self.actor_critic = ActorCritic(palm, actor_lora=actor_lora, critic_lora=critic_lora, lora_r=lora_r)
+        self.reward_model = reward_model.eval()
+        for p in self.reward_model.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.actor_critic.actor_parameters(), "lr": actor_lr},
+            {"params": self.actor_critic.critic_parameters(), "lr": critic_lr},
+        ], weight_decay=0.0)
+        self.kl = KLController(self.cfg.kl_coef, self.cfg.adaptive_kl, self.cfg.kl_target, self.cfg.kl_horizon)
+        self.pad_value = pad_value
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.prompts, self.prompts_mask = None, None
+        if prompt_token_ids is not None:
+            self.prompts, self.prompts_mask, _ = as_prompt_batch(prompt_token_ids, prompts_mask, pad_value)
+            if self.prompts_mask is None:
+                self.prompts_mask = torch.ones_like(self.prompts, dtype=torch.bool)
+
+    @property
+    def device(self):
+        return next(self.actor_critic.parameters()).device
+
+    # ---- one PPO iteration ---------------------------------------------------------------------------------
+    def rollout(self, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                eos_token: int | None = None) -> tuple[Experience, dict[str, float]]:
+        self.actor_critic.eval()
+        exp = make_experience(self.actor_critic, self.reward_model, prompts, prompt_mask,
+                              max_new_tokens=max_new_tokens, kl_coef=self.kl.value, cfg=self.cfg,
+                              temperature=temperature, eos_token=eos_token, pad_value=self.pad_value,
+                              generator=self.generator)
+        stats = rollout_stats(exp)
+        stats["kl_coef"] = self.kl.value
+        self.kl.update(stats["kl"], exp.sequences.shape[0])
+        return exp, stats
+
+    def learn(self, experiences: list[Experience], minibatch_size: int) -> dict[str, float]:
+        self.actor_critic.train()
+        return ppo_update(self.actor_critic, self.optimizer, experiences, self.cfg, minibatch_size, self.generator)
+
+    def step(self, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, *, minibatch_size: int,
+             temperature: float = 1.0, eos_token: int | None = None) -> dict[str, float]:
+        exp, stats = self.rollout(prompts, prompt_mask, max_new_tokens, temperature=temperature, eos_token=eos_token)
+        return {**stats, **self.learn([exp], minibatch_size)}
+
+    # ---- the reference API ---------------------------------------------------------------------------------
+    def train(self, num_episodes: int = 50000, max_timesteps: int = 500, update_timesteps: int = 5000,
+              max_batch_size: int = 16, max_seq_len: int = 2048, eos_token: int | None = None,
+              temperature: float = 1.0) -> list[dict[str, float]]:
+        """num_episodes * max_timesteps rollouts in batches of max_batch_size; a PPO update every update_timesteps.
+
+        max_seq_len bounds prompt plus response.
+        """
+        if self.prompts is None:
+            raise ValueError("RLHFTrainer.train needs prompt_token_ids")
+        P = self.prompts.shape[1]
+        if max_seq_len <= P:
+            raise ValueError(f"max_seq_len ({max_seq_len}) must exceed the prompt length ({P})")
+        total = num_episodes * max_timesteps
+        history, pending, collected = [], [], 0
+        for done in range(0, total, max_batch_size):
+            b = min(max_batch_size, total - done)
+            idx = torch.randint(0, self.prompts.shape[0], (b,), generator=self.generator).to(self.device)
+            exp, stats = self.rollout(self.prompts[idx], self.prompts_mask[idx], max_seq_len - P,
+                                      temperature=temperature, eos_token=eos_token)
+            pending.append(exp)
+            collected += b
+            if collected >= update_timesteps or done + b >= total:
+                stats.update(self.learn(pending, max_batch_size))
+                pending, collected = [], 0
+            history.append(stats)
+        return history
+
+    @torch.no_grad()
+    def generate(self, seq_len: int, prompt: Tensor, num_samples: int = 10, temperature: float = 1.0,
+                 filter_thres: float = 0.9, eos_token: int | None = None) -> Tensor:
+        """Best-of-n: sample num_samples responses and return the one the reward model scores highest."""
+        prompt = prompt.reshape(1, -1).to(self.device)
+        P = prompt.shape[1]
+        palm = self.actor_critic.palm
+        gen = palm.sample(prompt.expand(num_samples, -1), None, seq_len - P, temperature=temperature,
+                          filter_thres=filter_thres, eos_token=eos_token, pad_value=self.pad_value,
+                          finetune_scope=self.actor_critic.actor_scope, generator=self.generator)
+        prompt_part = torch.cat((gen.prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
+        scores = self.reward_model.score(gen.sequences, mask=gen.sequence_mask, prompt_mask=prompt_part)
+        best = int(select_best_of_n(scores[None], num_samples)[0])
+        return gen.tokens[best][gen.mask[best]]
