@@ -1,0 +1,120 @@
+"""The simulated labeler: a deterministic rater standing in for people who rate responses.
+
+A labeler is anything with ``rate(prompt, response) -> float`` giving 1 to 5 stars. The reward
+model learns only from the ratings it produces, never from this code, just as it would learn
+from people's ratings without seeing their instructions.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import math
+import re
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+MIN_RATING, MAX_RATING = 1.0, 5.0
+BUILTIN_LABELERS = ("builtin:real-words",)
+_NON_LETTERS = re.compile(r"[^a-z]+")
+# Single letters are nearly always variable names or fragments of broken words; only these are words.
+_ONE_LETTER_WORDS = frozenset({"a", "i"})
+
+
+class LabelerError(ValueError):
+    """A labeler cannot be loaded, or it gave a rating outside 1 to 5 stars."""
+
+
+@runtime_checkable
+class Labeler(Protocol):
+    def rate(self, prompt: str, response: str) -> float: ...
+
+
+def words(text: str) -> list[str]:
+    """Word tokens as the labeler sees them: lowercase, split on anything that is not a letter a-z."""
+    return [w for w in _NON_LETTERS.split(text.lower()) if w]
+
+
+class RealWordsLabeler:
+    """Rates how much of a response is made of real English words.
+
+    Rater instruction: read the response only (the prompt does not matter). Split it into words at
+    anything that is not a letter, ignoring case. If it has fewer than ``min_words`` words, give
+    1 star. Otherwise give 1 + 4 x (share of its words found in the vocabulary) stars, rounded to
+    the nearest half star (halves round up): all real words is 5 stars, half is 3, none is 1.
+    Word order, grammar, repetition and truthfulness are not judged.
+    """
+
+    def __init__(self, vocabulary: Iterable[str], min_words: int = 3):
+        self.vocabulary = frozenset(w.lower() for w in vocabulary)
+        if not self.vocabulary:
+            raise LabelerError("RealWordsLabeler needs a non-empty vocabulary")
+        self.min_words = min_words
+
+    @classmethod
+    def from_corpus(cls, text: str, min_count: int = 3, min_words: int = 3) -> RealWordsLabeler:
+        """Vocabulary: the lowercase alphabetic words seen at least ``min_count`` times in ``text``.
+
+        The count threshold keeps out typos and one-off identifiers; single letters other than
+        "a" and "i" are left out so that shattered words do not count as real ones.
+        """
+        counts = collections.Counter(words(text))
+        vocabulary = [w for w, c in counts.items() if c >= min_count and (len(w) > 1 or w in _ONE_LETTER_WORDS)]
+        if not vocabulary:
+            raise LabelerError(f"no word occurs {min_count} or more times in the corpus; cannot build a vocabulary")
+        return cls(vocabulary, min_words=min_words)
+
+    def score(self, prompt: str, response: str) -> float:
+        """The share of the response's words that are in the vocabulary, in [0, 1] (0 with no words)."""
+        tokens = words(response)
+        return sum(w in self.vocabulary for w in tokens) / len(tokens) if tokens else 0.0
+
+    def rate(self, prompt: str, response: str) -> float:
+        if len(words(response)) < self.min_words:
+            return MIN_RATING
+        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * self.score(prompt, response)
+        return math.floor(stars * 2 + 0.5) / 2  # half stars, halves up (round() would round 2.25 down)
+
+
+def load_labeler(spec: str, corpus_text: str) -> Labeler:
+    """A labeler from its spec: "builtin:real-words" (vocabulary from ``corpus_text``) or "package.module:attr".
+
+    ``attr`` may be a labeler object, or a class or factory that is called with no arguments.
+    """
+    if spec == "builtin:real-words":
+        return RealWordsLabeler.from_corpus(corpus_text)
+    if spec.startswith("builtin:"):
+        raise LabelerError(f"unknown labeler {spec!r}; built-in labelers: {', '.join(BUILTIN_LABELERS)}")
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise LabelerError(f"labeler spec {spec!r} must be 'builtin:real-words' or 'package.module:attr'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise LabelerError(f"labeler {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    target = getattr(module, attr, None)
+    if target is None:
+        raise LabelerError(f"labeler {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if isinstance(target, type) or (callable(target) and not hasattr(target, "rate")):
+        try:
+            target = target()
+        except TypeError as exc:
+            raise LabelerError(f"labeler {spec!r}: calling {attr} with no arguments failed ({exc})") from None
+    if not callable(getattr(target, "rate", None)):
+        kind = type(target).__name__
+        raise LabelerError(f"labeler {spec!r} resolves to a {kind!r} object, which has no rate(prompt, response)")
+    return target
+
+
+def rate_all(labeler: Labeler, prompts: list[str], responses: list[str]) -> list[float]:
+    """Ratings for each (prompt, response) pair; a rating outside 1 to 5 stars is an error, not clipped."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    ratings = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        rating = float(labeler.rate(prompt, response))
+        if not MIN_RATING <= rating <= MAX_RATING:  # NaN fails this too
+            name = type(labeler).__name__
+            raise LabelerError(f"{name} rated response {i} {rating}, outside {MIN_RATING:g} to {MAX_RATING:g} stars")
+        ratings.append(rating)
+    return ratings

@@ -1,0 +1,116 @@
+import random
+import string
+
+import pytest
+
+from tasks.data import builtin_corpus, make_prompts
+from tasks.labeler import Labeler, LabelerError, RealWordsLabeler, load_labeler, rate_all, words
+
+VOCAB = ["the", "cat", "sat", "on", "mat", "a", "dog"]
+
+
+def test_word_tokens_are_lowercase_letter_runs():
+    assert words("The CAT's mat-42,dog!") == ["the", "cat", "s", "mat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "response, stars",
+    [
+        ("The cat sat on the mat.", 5.0),  # every word is real
+        ("Xq zzv plonk vrrt.", 1.0),  # none is
+        ("the cat sat qqq zzz www", 3.0),  # half
+        ("the cat sat on zzz", 4.0),  # 4 of 5: 1 + 4 * 0.8 = 4.2 -> 4.0
+        ("the cat sat on the mat zzz qqq", 4.0),  # 6 of 8: exactly 4
+        ("the cat sat on the mat a zzz qqq", 4.0),  # 7 of 9: 4.11 -> 4.0
+        ("the cat sat on the mat a dog zzz qqq qqq", 4.0),  # 8 of 11: 3.91 -> 4.0
+        ("the cat sat zzz qqq qqq qqq qqq", 2.5),  # 3 of 8: exactly 2.5
+        ("the cat sat on a" + " zzz" * 11, 2.5),  # 5 of 16: 2.25 rounds up to 2.5
+        ("the cat", 1.0),  # fewer than min_words words
+        ("", 1.0),
+    ],
+)
+def test_hand_checked_ratings(response, stars):
+    labeler = RealWordsLabeler(VOCAB)
+    assert labeler.rate("any prompt", response) == stars
+
+
+def test_score_is_the_unquantised_share_and_prompt_is_ignored():
+    labeler = RealWordsLabeler(VOCAB)
+    assert labeler.score("", "the cat sat qqq") == 0.75
+    assert labeler.score("", "...") == 0.0
+    assert labeler.rate("the cat", "zz qq ww") == labeler.rate("something else", "zz qq ww")
+    assert isinstance(labeler, Labeler)
+
+
+def test_from_corpus_counts_words_and_skips_stray_letters():
+    text = "Alpha beta beta. ALPHA x x x a a a gamma alpha"
+    labeler = RealWordsLabeler.from_corpus(text, min_count=3)
+    assert labeler.vocabulary == {"alpha", "a"}
+    with pytest.raises(LabelerError, match="3 or more times"):
+        RealWordsLabeler.from_corpus("one two three", min_count=3)
+
+
+def _corrupt(text: str, rate: float, rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) if c.isalpha() and rng.random() < rate else c for c in text)
+
+
+def test_ratings_fall_as_corruption_rises_on_unseen_text():
+    corpus = builtin_corpus()
+    labeler = RealWordsLabeler.from_corpus(corpus)
+    samples = make_prompts(corpus, 100, 120, split="heldout", seed=0)
+    rng = random.Random(0)
+    means = []
+    for rate in (0.0, 0.1, 0.3, 0.6):
+        ratings = [labeler.rate("", _corrupt(s, rate, rng)) for s in samples]
+        means.append(sum(ratings) / len(ratings))
+        assert len(set(ratings)) > 1  # a spread, not one value for everything
+    assert means == sorted(means, reverse=True) and means[0] > 4.5 and means[-1] < 2
+
+
+def test_load_builtin_labeler():
+    labeler = load_labeler("builtin:real-words", "cat cat cat mat mat mat sat sat sat")
+    assert labeler.rate("", "cat sat mat") == 5.0
+
+
+def test_load_custom_labeler_class_factory_or_instance(tmp_path, monkeypatch):
+    (tmp_path / "my_raters.py").write_text(
+        "class Lengthy:\n"
+        "    def rate(self, prompt, response):\n"
+        "        return min(5.0, 1.0 + len(response) / 10)\n"
+        "def make():\n"
+        "    return Lengthy()\n"
+        "instance = Lengthy()\n"
+        "not_a_labeler = 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for attr in ("Lengthy", "make", "instance"):
+        labeler = load_labeler(f"my_raters:{attr}", "")
+        assert rate_all(labeler, ["p", "p"], ["", "x" * 20]) == [1.0, 3.0]
+    with pytest.raises(LabelerError, match="'my_raters:not_a_labeler' resolves to a 'int' object, which has no rate"):
+        load_labeler("my_raters:not_a_labeler", "")
+    with pytest.raises(LabelerError, match="has no attribute 'missing'"):
+        load_labeler("my_raters:missing", "")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:Rater", "cannot import module 'no_such_module_xyz'"),
+        ("just-a-name", "must be 'builtin:real-words' or 'package.module:attr'"),
+        ("builtin:typo", "unknown labeler 'builtin:typo'; built-in labelers: builtin:real-words"),
+    ],
+)
+def test_bad_labeler_specs_are_named(spec, message):
+    with pytest.raises(LabelerError, match=message):
+        load_labeler(spec, "")
+
+
+def test_rate_all_rejects_ratings_outside_the_scale():
+    class Broken:
+        def rate(self, prompt, response):
+            return 7
+
+    with pytest.raises(LabelerError, match="Broken rated response 0 7.0, outside 1 to 5 stars"):
+        rate_all(Broken(), ["p"], ["r"])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        rate_all(RealWordsLabeler(VOCAB), ["p", "q"], ["r"])
