@@ -12,8 +12,10 @@ import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "signature", "credential", "session", "key")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+# userinfo is "token@" or "user:secret@"; a secret may itself hold "/" (AWS secret keys often do)
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s:]+:[^@\s]*|[^/@\s:]+)@")
 _MASK = "***"
+_SECRET_QUERY = re.compile(r"(?P<name>[?&][^=&\s]*(?:" + "|".join(_SECRET_WORDS) + r")[^=&\s]*=)[^&\s]+", re.I)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -25,7 +27,7 @@ def redact_uri(uri: str) -> str:
     """Drop userinfo and secret-looking query parameters from a URI."""
     if "://" not in uri:
         return uri
-    parts = urlsplit(uri)
+    parts = urlsplit(_USERINFO.sub(lambda m: m.group("scheme"), uri, count=1))
     netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
     query = urlencode(
         [(k, _MASK if _is_secret_name(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
@@ -46,6 +48,7 @@ def environment_secrets() -> list[str]:
 def redact(text: str) -> str:
     """Scrub credentials from free text: URI userinfo and any secret environment value."""
     text = _USERINFO.sub(lambda m: m.group("scheme"), text)
+    text = _SECRET_QUERY.sub(lambda m: m.group("name") + _MASK, text)
     for value in environment_secrets():
         text = text.replace(value, _MASK)
     return text

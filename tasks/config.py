@@ -1,0 +1,217 @@
+"""One typed config per stage, presets as small functions, and `stage.key=value` overrides.
+
+Prefect validates these pydantic models as flow parameters; the CLI builds them from a preset plus `--set` strings.
+Every training stage has `steps`, `checkpoint_every` and `seed`. The model architecture is set once, in pretraining:
+later stages read it from the checkpoint's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+NonNegFloat = Field(ge=0)
+
+
+class ConfigError(ValueError):
+    """A bad preset, setting or value; the message names it."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Runtime(_Config):
+    device: str = "auto"  # "auto" (cuda when there is one), "cpu", "cuda", "cuda:1"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
+
+
+class ModelSettings(_Config):
+    num_tokens: PositiveInt = 256  # byte-level tokens
+    dim: PositiveInt = 128
+    depth: PositiveInt = 4
+    heads: PositiveInt = 4
+    dim_head: PositiveInt = 32
+    ff_mult: PositiveInt = 4
+    max_seq_len: PositiveInt = 256  # the context: prompts plus responses must fit
+
+
+class PretrainConfig(_Config):
+    corpus: str | None = None  # fsspec URL (text, Parquet, JSONL); None: the built-in CPython documentation text
+    text_column: str = "text"
+    model: ModelSettings = ModelSettings()
+    steps: PositiveInt = 600
+    batch_size: PositiveInt = 16
+    seq_len: PositiveInt = 128
+    lr: PositiveFloat = 3e-3
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    eval_every: PositiveInt = 100
+    checkpoint_every: PositiveInt = 200
+    seed: int = 0
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _fits_context(self):
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) is longer than the model context model.max_seq_len "
+                             f"({self.model.max_seq_len})")
+        if self.model.num_tokens < 256:
+            raise ValueError(f"model.num_tokens ({self.model.num_tokens}) is too small for byte tokens (256)")
+        return self
+
+
+class RewardConfig(_Config):
+    feedback: str | None = None  # a feedback table URL; None: simulate it with `labeler` on the pretrained policy
+    labeler: str = "builtin:real-words"  # or "package.module:attr"
+    num_prompts: PositiveInt = 256  # simulated feedback: prompts x samples_per_prompt rated responses
+    samples_per_prompt: PositiveInt = 4
+    prompt_chars: PositiveInt = 32
+    response_tokens: PositiveInt = 48
+    temperature: PositiveFloat = 1.0
+    pair_margin: float = Field(1.0, gt=0)  # stars between chosen and rejected when deriving pairs from ratings
+    num_binned_output: int = Field(0, ge=0)  # ratings: 0 = scalar head (MSE), >= 2 bins (cross-entropy)
+    lora_r: PositiveInt = 16
+    steps: PositiveInt = 300
+    batch_size: PositiveInt = 16
+    lr: PositiveFloat = 1e-3
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    checkpoint_every: PositiveInt = 100
+    seed: int = 0
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _bins(self):
+        if self.num_binned_output == 1:
+            raise ValueError("num_binned_output must be 0 (scalar head) or at least 2")
+        return self
+
+
+class PPOConfig(_Config):
+    prompts: str | None = None  # a prompt file URL; None: training prompts cut from the corpus
+    num_prompts: PositiveInt = 512
+    prompt_chars: PositiveInt = 32
+    max_new_tokens: PositiveInt = 48
+    temperature: PositiveFloat = 1.0
+    steps: PositiveInt = 60  # PPO iterations: one batch of rollouts and its update each
+    rollout_batch: PositiveInt = 32
+    minibatch_size: PositiveInt = 16
+    ppo_epochs: PositiveInt = 2
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    kl_target: PositiveFloat = 6.0
+    kl_horizon: PositiveInt = 10000
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_eps: PositiveFloat = 0.2
+    value_clip_eps: PositiveFloat = 0.2
+    value_coef: float = Field(0.5, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    max_grad_norm: PositiveFloat = 1.0
+    actor_lr: PositiveFloat = 1e-3
+    critic_lr: PositiveFloat = 1e-3
+    actor_lora: bool = True
+    lora_r: PositiveInt = 16
+    checkpoint_every: PositiveInt = 20
+    seed: int = 0
+    runtime: Runtime = Runtime()
+
+
+class EvalConfig(_Config):
+    prompts: str | None = None  # held-out prompt file URL; None: held-out prompts cut from the corpus
+    labeler: str = "builtin:real-words"  # the oracle
+    num_prompts: PositiveInt = 64
+    prompt_chars: PositiveInt = 32
+    max_new_tokens: PositiveInt = 48
+    temperature: PositiveFloat = 1.0
+    n_values: list[PositiveInt] = [1, 4, 16]
+    num_examples: PositiveInt = 8  # sample generations logged for people to read
+    seed: int = 0
+    runtime: Runtime = Runtime()
+
+
+class PipelineConfig(_Config):
+    pretrain: PretrainConfig = PretrainConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+STAGES = ("pretrain", "reward", "ppo", "eval")
+
+
+def demo() -> PipelineConfig:
+    """The default: minutes per stage on a 2-core CPU, enough to watch RLHF raise the labeler's rating."""
+    return PipelineConfig()
+
+
+def tiny() -> PipelineConfig:
+    """Seconds per stage on CPU: for tests and smoke runs. Numbers mean nothing at this size."""
+    model = ModelSettings(dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
+    return PipelineConfig(
+        pretrain=PretrainConfig(model=model, steps=12, batch_size=4, seq_len=48, warmup_steps=2, eval_every=6,
+                                checkpoint_every=6),
+        reward=RewardConfig(num_prompts=12, samples_per_prompt=3, prompt_chars=16, response_tokens=12, lora_r=4,
+                            steps=8, batch_size=8, checkpoint_every=4),
+        ppo=PPOConfig(num_prompts=16, prompt_chars=16, max_new_tokens=12, steps=4, rollout_batch=4, minibatch_size=4,
+                      ppo_epochs=1, lora_r=4, checkpoint_every=2),
+        eval=EvalConfig(num_prompts=4, prompt_chars=16, max_new_tokens=12, n_values=[1, 4, 16], num_examples=2),
+    )
+
+
+PRESETS = {"demo": demo, "tiny": tiny}
+
+
+def preset(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def _parse_value(text: str):
+    """JSON when it parses (numbers, true/false, null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: BaseModel, overrides: list[str] | tuple[str, ...], prefix: str = "") -> BaseModel:
+    """Apply `a.b.c=value` settings to a config, validating each; errors name the setting."""
+    data = config.model_dump()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        path = key.split(".")
+        node, model = data, type(config)
+        for depth, part in enumerate(path):
+            fields = model.model_fields
+            if part not in fields:
+                where = prefix + ".".join(path[:depth]) if depth or prefix else "the config"
+                raise ConfigError(f"unknown setting {prefix + key!r}: {where} has "
+                                  f"{', '.join(sorted(fields))}")
+            annotation = fields[part].annotation
+            if depth == len(path) - 1:
+                node[part] = _parse_value(raw)
+            else:
+                if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                    raise ConfigError(f"setting {prefix + '.'.join(path[:depth + 1])!r} has no sub-settings")
+                node, model = node[part], annotation
+    return validate(type(config), data, prefix)
+
+
+def validate(model: type[BaseModel], data: dict, prefix: str = "") -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = prefix + ".".join(str(p) for p in e["loc"]) if e["loc"] else (prefix.rstrip(".") or "config")
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            problems.append(f"{where}: {e['msg']}{got}")
+        raise ConfigError("; ".join(problems)) from None

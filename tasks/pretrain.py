@@ -1,0 +1,121 @@
+"""Stage 1: next-token pretraining of a PaLM on a text corpus (byte tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.palm import PaLM
+from models.training import capture_rng, lr_at, restore_rng, set_lr, train_step
+from tasks import tracking
+from tasks.config import PretrainConfig
+from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
+from tasks.progress import progress_bar
+from tasks.redact import redact_uri
+from tasks.stage import StageResult, StageRun, Throughput, execute
+from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
+
+MODEL_NAME = "palm-pretrained"
+
+
+@dataclass
+class CorpusInput:
+    uri: str
+    digest: str
+    tokens: torch.Tensor  # (n,) byte ids
+
+
+def load_corpus(config: PretrainConfig) -> CorpusInput:
+    """Read and check the corpus before any compute: it must hold enough text for training and validation."""
+    uri = config.corpus or BUILTIN_CORPUS_URI
+    text = read_corpus(uri, config.text_column)
+    tokens = encode_corpus(text, ByteTokenizer())
+    train, heldout = split_tokens(tokens, config.heldout_fraction)
+    need = config.seq_len + 1
+    if len(train) < need or len(heldout) < need:
+        raise ValueError(f"corpus {redact_uri(uri)} has {len(tokens)} tokens: too few for training and validation "
+                         f"windows of seq_len + 1 = {need} (heldout_fraction {config.heldout_fraction})")
+    return CorpusInput(uri, text_digest(text), tokens)
+
+
+def build_model(config: PretrainConfig) -> PaLM:
+    return PaLM(**config.model.model_dump())
+
+
+@torch.no_grad()
+def validation_loss(model: PaLM, heldout: torch.Tensor, config: PretrainConfig, device, batches: int = 4) -> float:
+    """Loss on the same held-out windows every time (a fixed generator), so the curve is comparable."""
+    from tasks.data import sample_windows
+
+    g = torch.Generator().manual_seed(1234)
+    model.eval()
+    losses = [model(sample_windows(heldout, config.batch_size, config.seq_len, g).to(device), return_loss=True).item()
+              for _ in range(batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[CheckpointRef, dict[str, float]]:
+    from tasks.data import sample_windows
+
+    train_tokens, heldout = split_tokens(corpus.tokens, config.heldout_fraction)
+    model = build_model(config).to(run.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    start = 0
+    if run.resume_from is not None:
+        ckpt = load_checkpoint(run.resume_from.uri)
+        model.load_state_dict(ckpt.weights)
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        restore_rng(ckpt.state["rng"], {"data": data_rng})
+        start = ckpt.ref.step
+
+    model_config = asdict(model.config)
+    data = {"corpus": corpus.digest}
+    extra = {"corpus": {"uri": redact_uri(corpus.uri), "digest": corpus.digest, "text_column": config.text_column},
+             "tokenizer": "bytes"}
+    tokens_per_step = config.batch_size * config.seq_len
+    clock, ref, metrics = Throughput(), run.resume_from, {}
+    with progress_bar("pretrain", config.steps, start) as show:
+        for step in range(start, config.steps):
+            lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps)
+            set_lr(optimizer, lr)
+            batch = sample_windows(train_tokens, config.batch_size, config.seq_len, data_rng).to(run.device)
+            stats = train_step(lambda: model(batch, return_loss=True), list(model.parameters()), optimizer,
+                               device=run.device, amp_dtype=run.amp_dtype)
+            done = step + 1
+            metrics = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                       "tokens_per_s": clock.rate(tokens_per_step)}
+            if done % config.eval_every == 0 or done == config.steps:
+                metrics["val_loss"] = validation_loss(model, heldout, config, run.device)
+            run.metrics.log(done, **metrics)
+            show(done, loss=stats["loss"])
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                ref = save_checkpoint(
+                    run.prefix, done, model.state_dict(), kind="palm", model_config=model_config,
+                    stage_config=config.model_dump(mode="json"), data=data,
+                    extra={**extra, "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
+                    state={"optimizer": optimizer.state_dict(), "rng": capture_rng({"data": data_rng})})
+    run.metrics.flush()
+    if not metrics:  # resumed at the final step: nothing left to train
+        metrics = load_checkpoint(ref.uri, load_state=False).manifest.get("metrics", {})
+    tracking.log_plot(run.run_id, run.metrics.history, keys=["loss", "val_loss"], title="pretraining loss",
+                      artifact_file="plots/loss.png")
+    return ref, {k: metrics[k] for k in ("loss", "val_loss", "tokens_per_s") if k in metrics}
+
+
+def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None) -> StageResult:
+    """The whole stage: check the corpus, then train (or reuse, or resume) and register `palm-pretrained`."""
+    corpus = load_corpus(config)
+    tracking.check_tracking()
+
+    def log_inputs(run_id: str) -> None:
+        tracking.log_text_dataset(run_id, name="corpus", source_uri=corpus.uri, digest=corpus.digest,
+                                  context="training", preview=None)
+
+    return execute("pretrain", config, inputs={"corpus": corpus.digest}, model_name=MODEL_NAME,
+                   train_fn=lambda run: train(run, config, corpus), lineage={"data.corpus": corpus.digest},
+                   parent_run_id=parent_run_id, log_inputs=log_inputs)

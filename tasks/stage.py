@@ -1,0 +1,226 @@
+"""What every stage shares: run keys, the cache, MLflow runs, resume, registration and the result it returns.
+
+A stage's run key is a digest of its config (without runtime settings such as the device) and of its inputs' digests.
+Its checkpoints live under `<store>/<stage>/<run key>/`, so:
+- the same stage with the same config and inputs finds its own final checkpoint and is reused (`cached: true`);
+- the same command after a crash finds its last complete checkpoint and resumes from it;
+- a different config or input writes under a different prefix and never touches another run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from tasks import tracking
+from tasks.config import Runtime
+from tasks.redact import redact
+from tasks.store import CheckpointRef, join_uri, latest_checkpoint, read_manifest, store_root
+
+RUN_KEY_TAG = "palm_rlhf.run_key"
+STAGE_TAG = "palm_rlhf.stage"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+class StageResult(BaseModel):
+    """The small result a stage returns: references and headline numbers, never tensors."""
+
+    stage: str
+    checkpoint_uri: str | None = None
+    digest: str | None = None
+    mlflow_run_id: str
+    model_name: str | None = None
+    model_version: str | None = None
+    cached: bool = False
+    run_key: str
+    metrics: dict[str, float] = {}
+
+
+@dataclass
+class StageRun:
+    """Handed to a stage's training function: where to write, what to log to, and on which device."""
+
+    stage: str
+    run_key: str
+    prefix: str
+    run_id: str
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    metrics: tracking.MetricLogger = field(repr=False)
+    resume_from: CheckpointRef | None = None
+
+
+def resolve_runtime(runtime: Runtime) -> tuple[torch.device, torch.dtype | None]:
+    """"auto" picks the GPU when there is one; bf16 autocast there, fp32 on CPU."""
+    name = runtime.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"runtime.device is {runtime.device!r} but this machine has no GPU")
+    precision = runtime.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return device, (torch.bfloat16 if precision == "bf16" else None)
+
+
+def run_key(stage: str, config: BaseModel, inputs: dict[str, str | None]) -> str:
+    """Digest of what determines a stage's output: its config (less runtime) and its inputs' digests."""
+    payload = {"stage": stage, "config": config.model_dump(exclude={"runtime"}, mode="json"), "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def stage_prefix(stage: str, key: str) -> str:
+    return join_uri(store_root(), stage, key)
+
+
+def final_checkpoint(prefix: str, steps: int) -> CheckpointRef | None:
+    latest = latest_checkpoint(prefix)
+    return latest if latest is not None and latest.step >= steps else None
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version plus the git commit when running from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("palm-rlhf")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, text=True,
+                             capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+g{sha}" if sha else v
+
+
+def prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+    except Exception:  # not inside a flow run
+        return None
+
+
+def registered_version(model_name: str, key: str) -> str | None:
+    """The version already registered for this run key (a cached or re-registered stage), if any."""
+    client = tracking.get_client()
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{key}'")
+    except Exception:
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
+
+
+@contextmanager
+def stage_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | None, steps: int):
+    """Open (or reopen, when resuming) the stage's MLflow run; mark it FAILED if the body raises."""
+    prefix = stage_prefix(stage, key)
+    flow_run = prefect_flow_run_id()
+    run_id = tracking.find_run({RUN_KEY_TAG: key, STAGE_TAG: stage})
+    if run_id is None:
+        tags = {RUN_KEY_TAG: key, STAGE_TAG: stage, "code_version": code_version(),
+                "checkpoint_prefix": prefix}
+        if flow_run:
+            tags[FLOW_RUN_TAG] = flow_run
+        run_id = tracking.start_run(stage, parent_run_id=parent_run_id, tags=tags)
+    else:
+        tracking.reopen_run(run_id)
+        if flow_run:
+            tracking.get_client().set_tag(run_id, FLOW_RUN_TAG, flow_run)
+    tracking.log_params(run_id, config.model_dump(mode="json"))
+    device, amp = resolve_runtime(getattr(config, "runtime", Runtime()))
+    run = StageRun(stage, key, prefix, run_id, device, amp, tracking.MetricLogger(run_id),
+                   resume_from=latest_checkpoint(prefix))
+    try:
+        yield run
+    except BaseException as exc:
+        run.metrics.flush()
+        tracking.get_client().set_tag(run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
+        tracking.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    run.metrics.flush()
+    tracking.end_run(run_id, "FINISHED")
+
+
+def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, key: str,
+             lineage: dict[str, str]) -> str:
+    """Register the stage's final checkpoint once per run key, with the tags that give lineage."""
+    existing = registered_version(model_name, key)
+    if existing is not None:
+        return existing
+    tags = {RUN_KEY_TAG: key, STAGE_TAG: stage_name, "code_version": code_version(), **lineage}
+    flow_run = prefect_flow_run_id()
+    if flow_run:
+        tags[FLOW_RUN_TAG] = flow_run
+    return tracking.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
+                                        lineage=tags)
+
+
+def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> StageResult | None:
+    """The earlier result of an identical stage run, when its final checkpoint and model version exist."""
+    ref = final_checkpoint(stage_prefix(stage, key), steps)
+    if ref is None:
+        return None
+    run_id = _finished_run(stage, key)
+    version = registered_version(model_name, key) if model_name else None
+    if run_id is None or (model_name and version is None):
+        return None
+    manifest = read_manifest(ref.uri)
+    return StageResult(stage=stage, checkpoint_uri=ref.uri, digest=ref.digest, mlflow_run_id=run_id,
+                       model_name=model_name, model_version=version, cached=True, run_key=key,
+                       metrics=manifest.get("metrics", {}))
+
+
+def _finished_run(stage: str, key: str) -> str | None:
+    runs = tracking.get_client().search_runs(
+        [tracking.experiment_id()],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`{STAGE_TAG}` = '{stage}' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+class Throughput:
+    """Items per second over the last interval, for the progress bar and the metrics."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def rate(self, items: float) -> float:
+        now = time.perf_counter()
+        rate = items / max(now - self.last, 1e-9)
+        self.last = now
+        return rate
+
+
+def execute(stage: str, config: BaseModel, *, inputs: dict[str, str | None], model_name: str | None, train_fn,
+            lineage: dict[str, str], parent_run_id: str | None = None, log_inputs=None) -> StageResult:
+    """Run one stage: reuse an identical earlier run, else train (resuming if it was cut off) and register.
+
+    train_fn(run) -> (final CheckpointRef, headline metrics). log_inputs(run_id) logs the MLflow datasets.
+    Everything that can fail on bad input has been checked by the caller before this point.
+    """
+    key = run_key(stage, config, inputs)
+    hit = cached_result(stage, key, config.steps, model_name)
+    if hit is not None:
+        return hit
+    with stage_run(stage, key, config, parent_run_id=parent_run_id, steps=config.steps) as run:
+        if log_inputs is not None:
+            log_inputs(run.run_id)
+        ref, metrics = train_fn(run)
+        version = register(stage, model_name, ref, run.run_id, key, lineage) if model_name else None
+    return StageResult(stage=stage, checkpoint_uri=ref.uri, digest=ref.digest, mlflow_run_id=run.run_id,
+                       model_name=model_name, model_version=version, cached=False, run_key=key, metrics=metrics)
