@@ -26,7 +26,7 @@ class RLHFTrainer(nn.Module):
     def __init__(self, *, palm: PaLM, reward_model: RewardModel, prompt_token_ids: Tensor | list[Tensor] | None = None,
                  prompts_mask: Tensor | None = None, actor_lr: float = 1e-4, critic_lr: float = 1e-4,
                  actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8, pad_value: int = 0,
-                 ppo: PPOConfig | None = None, generator: torch.Generator | None = None, **ppo_kwargs):
+                 ppo: PPOConfig | None = None, seed: int = 0, **ppo_kwargs):
         super().__init__()
         self.cfg = ppo or PPOConfig(**ppo_kwargs)
         self.actor_critic = ActorCritic(palm, actor_lora=actor_lora, critic_lora=critic_lora, lora_r=lora_r)
@@ -39,7 +39,9 @@ class RLHFTrainer(nn.Module):
         ], weight_decay=0.0)
         self.kl = KLController(self.cfg.kl_coef, self.cfg.adaptive_kl, self.cfg.kl_target, self.cfg.kl_horizon)
         self.pad_value = pad_value
-        self.generator = generator or torch.Generator().manual_seed(0)
+        # prompt choice and minibatch order on the CPU; token sampling on the model's device
+        self.data_generator = torch.Generator().manual_seed(seed)
+        self.sample_generator = torch.Generator().manual_seed(seed + 1)
         self.prompts, self.prompts_mask = None, None
         if prompt_token_ids is not None:
             self.prompts, self.prompts_mask, _ = as_prompt_batch(prompt_token_ids, prompts_mask, pad_value)
@@ -50,6 +52,13 @@ class RLHFTrainer(nn.Module):
     def device(self):
         return next(self.actor_critic.parameters()).device
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The random streams a resumed run must restore to continue bit-identically."""
+        if self.sample_generator.device != self.device:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.data_generator))
+            self.sample_generator = torch.Generator(device=self.device).manual_seed(seed)
+        return {"data": self.data_generator, "sample": self.sample_generator}
+
     # ---- one PPO iteration ---------------------------------------------------------------------------------
     def rollout(self, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                 eos_token: int | None = None) -> tuple[Experience, dict[str, float]]:
@@ -57,7 +66,7 @@ class RLHFTrainer(nn.Module):
         exp = make_experience(self.actor_critic, self.reward_model, prompts, prompt_mask,
                               max_new_tokens=max_new_tokens, kl_coef=self.kl.value, cfg=self.cfg,
                               temperature=temperature, eos_token=eos_token, pad_value=self.pad_value,
-                              generator=self.generator)
+                              generator=self.generators()["sample"])
         stats = rollout_stats(exp)
         stats["kl_coef"] = self.kl.value
         self.kl.update(stats["kl"], exp.sequences.shape[0])
@@ -65,7 +74,8 @@ class RLHFTrainer(nn.Module):
 
     def learn(self, experiences: list[Experience], minibatch_size: int) -> dict[str, float]:
         self.actor_critic.train()
-        return ppo_update(self.actor_critic, self.optimizer, experiences, self.cfg, minibatch_size, self.generator)
+        return ppo_update(self.actor_critic, self.optimizer, experiences, self.cfg, minibatch_size,
+                          self.data_generator)
 
     def step(self, prompts: Tensor, prompt_mask: Tensor, max_new_tokens: int, *, minibatch_size: int,
              temperature: float = 1.0, eos_token: int | None = None) -> dict[str, float]:
@@ -89,7 +99,7 @@ class RLHFTrainer(nn.Module):
         history, pending, collected = [], [], 0
         for done in range(0, total, max_batch_size):
             b = min(max_batch_size, total - done)
-            idx = torch.randint(0, self.prompts.shape[0], (b,), generator=self.generator).to(self.device)
+            idx = torch.randint(0, self.prompts.shape[0], (b,), generator=self.data_generator).to(self.device)
             exp, stats = self.rollout(self.prompts[idx], self.prompts_mask[idx], max_seq_len - P,
                                       temperature=temperature, eos_token=eos_token)
             pending.append(exp)
@@ -109,7 +119,7 @@ class RLHFTrainer(nn.Module):
         palm = self.actor_critic.palm
         gen = palm.sample(prompt.expand(num_samples, -1), None, seq_len - P, temperature=temperature,
                           filter_thres=filter_thres, eos_token=eos_token, pad_value=self.pad_value,
-                          finetune_scope=self.actor_critic.actor_scope, generator=self.generator)
+                          finetune_scope=self.actor_critic.actor_scope, generator=self.generators()["sample"])
         prompt_part = torch.cat((gen.prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
         scores = self.reward_model.score(gen.sequences, mask=gen.sequence_mask, prompt_mask=prompt_part)
         best = int(select_best_of_n(scores[None], num_samples)[0])

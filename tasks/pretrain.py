@@ -13,7 +13,7 @@ from tasks.config import PretrainConfig
 from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
 from tasks.progress import progress_bar
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, execute
+from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 
 MODEL_NAME = "palm-pretrained"
@@ -102,8 +102,7 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
     run.metrics.flush()
     if not metrics:  # resumed at the final step: nothing left to train
         metrics = load_checkpoint(ref.uri, load_state=False).manifest.get("metrics", {})
-    tracking.log_plot(run.run_id, run.metrics.history, keys=["loss", "val_loss"], title="pretraining loss",
-                      artifact_file="plots/loss.png")
+    log_curves(run, ["loss", "val_loss"], "pretraining loss", "plots/loss.png")
     return ref, {k: metrics[k] for k in ("loss", "val_loss", "tokens_per_s") if k in metrics}
 
 

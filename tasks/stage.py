@@ -193,6 +193,13 @@ def _finished_run(stage: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def log_curves(run: StageRun, keys: list[str], title: str, artifact_file: str) -> None:
+    """A PNG of the curves this run has (a tiny run may lack some, e.g. held-out pairs)."""
+    present = [k for k in keys if run.metrics.history.get(k)]
+    if present:
+        tracking.log_plot(run.run_id, run.metrics.history, keys=present, title=title, artifact_file=artifact_file)
+
+
 class Throughput:
     """Items per second over the last interval, for the progress bar and the metrics."""
 

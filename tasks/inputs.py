@@ -1,0 +1,121 @@
+"""Model inputs of a stage: resolve a checkpoint or registry URI, check its kind, and build the model from it.
+
+A downstream stage never restates an architecture: it reads it from the checkpoint's manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.actor_critic import ActorCritic
+from models.palm import PaLM
+from models.reward import RewardModel
+from tasks import tracking
+from tasks.redact import redact_uri
+from tasks.store import load_checkpoint, read_manifest
+
+
+class InputError(ValueError):
+    """A stage input that cannot be used: wrong kind, digest mismatch, missing."""
+
+
+@dataclass
+class ModelInput:
+    requested: str  # what the user gave: a checkpoint URI or models:/name@alias
+    checkpoint_uri: str
+    digest: str
+    manifest: dict
+    name: str | None = None
+    version: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """How lineage names it: "palm-reward/3" for a registered model, else the checkpoint URI."""
+        return f"{self.name}/{self.version}" if self.name else redact_uri(self.checkpoint_uri)
+
+    @property
+    def palm_config(self) -> dict:
+        cfg = self.manifest["model_config"]
+        return cfg["palm"] if "palm" in cfg else cfg
+
+
+def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
+    """Resolve and check one model input without loading its weights (cheap, before any compute)."""
+    if not uri:
+        raise InputError(f"{role}: no model given")
+    info = tracking.resolve_model_uri(uri)
+    manifest = read_manifest(info["checkpoint_uri"])
+    if manifest.get("kind") != kind:
+        raise InputError(f"{role} {redact_uri(uri)} is a {manifest.get('kind')!r} checkpoint; this stage needs a "
+                         f"{kind!r} checkpoint")
+    if info["digest"] and info["digest"] != manifest["digest"]:
+        raise InputError(f"{role} {redact_uri(uri)}: the registry says digest {info['digest']} but the checkpoint "
+                         f"at {redact_uri(info['checkpoint_uri'])} has {manifest['digest']}")
+    return ModelInput(uri, info["checkpoint_uri"], manifest["digest"], manifest, info["name"], info["version"])
+
+
+def check_same_base(a: ModelInput, b: ModelInput) -> None:
+    """Reward model and policy must share the tokenizer and vocabulary."""
+    va, vb = a.palm_config["num_tokens"], b.palm_config["num_tokens"]
+    if va != vb:
+        raise InputError(f"vocabulary sizes differ: {a.ref} has {va} tokens, {b.ref} has {vb}")
+
+
+def _weights(inp: ModelInput) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(inp.checkpoint_uri, load_state=False)  # verifies every sha256 first
+    if ckpt.ref.digest != inp.digest:
+        raise InputError(f"{inp.ref} changed while this stage was starting ({inp.digest} -> {ckpt.ref.digest})")
+    return ckpt.weights
+
+
+def load_palm(inp: ModelInput, device) -> PaLM:
+    palm = PaLM.from_config(inp.palm_config)
+    _load(palm, _weights(inp), inp)
+    return palm.to(device)
+
+
+def build_reward_model(palm: PaLM, model_config: dict) -> RewardModel:
+    return RewardModel(palm, num_binned_output=model_config["num_binned_output"], lora_r=model_config["lora_r"])
+
+
+def load_reward_model(inp: ModelInput, device) -> RewardModel:
+    cfg = inp.manifest["model_config"]
+    rm = build_reward_model(PaLM.from_config(cfg["palm"]), cfg)
+    _load(rm, _weights(inp), inp)
+    return rm.to(device).eval()
+
+
+def build_actor_critic(palm: PaLM, model_config: dict) -> ActorCritic:
+    return ActorCritic(palm, actor_lora=model_config["actor_lora"], critic_lora=model_config["critic_lora"],
+                       lora_r=model_config["lora_r"])
+
+
+def load_policy(inp: ModelInput, device) -> ActorCritic:
+    cfg = inp.manifest["model_config"]
+    ac = build_actor_critic(PaLM.from_config(cfg["palm"]), cfg)
+    _load(ac, _weights(inp), inp)
+    return ac.to(device).eval()
+
+
+def _load(module: torch.nn.Module, weights: dict, inp: ModelInput) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise InputError(f"{inp.ref}: weights do not match the architecture in its manifest ({first})") from None
+
+
+def training_corpus(pretrained: ModelInput) -> tuple[str, str]:
+    """The corpus the base model was pretrained on (prompts are cut from it), checked against its recorded digest."""
+    from tasks.data import read_corpus, text_digest
+
+    corpus = pretrained.manifest.get("corpus") or {}
+    if "uri" not in corpus:
+        raise InputError(f"{pretrained.ref}: its manifest does not record a corpus; pass a prompts file instead")
+    text = read_corpus(corpus["uri"], corpus.get("text_column", "text"))
+    if text_digest(text) != corpus["digest"]:
+        raise InputError(f"the corpus {corpus['uri']} changed since {pretrained.ref} was trained on it "
+                         f"(was {corpus['digest']}, now {text_digest(text)})")
+    return text, corpus["digest"]

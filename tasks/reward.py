@@ -1,0 +1,187 @@
+"""Stage 2: fit a reward model on feedback, through a LoRA scope on the pretrained PaLM.
+
+Feedback is ratings (prompt, response, rating) or pairs (prompt, chosen, rejected). Ratings train a scalar head
+(MSE on the rating) or a binned head (cross-entropy); pairs train with the pairwise loss. Rows are split into train
+and held-out by prompt, so held-out prompts are never seen in training. Held-out pairwise accuracy is reported for both
+shapes (for ratings, over pairs derived from the held-out ratings), plus the rating RMSE for ratings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import torch
+
+from models.training import capture_rng, lr_at, restore_rng, set_lr, train_step
+from tasks import tracking
+from tasks.config import RewardConfig
+from tasks.data import FeedbackTable, pairs_from_ratings, read_feedback
+from tasks.feedback import simulate_feedback
+from tasks.inputs import ModelInput, build_reward_model, load_palm, resolve_input, training_corpus
+from tasks.progress import progress_bar
+from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
+from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
+from tasks.tokens import encode_dialogues
+
+MODEL_NAME = "palm-reward"
+MIN_RATING, MAX_RATING = 1.0, 5.0
+
+
+def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Held-out rows are those whose prompt hashes into the held-out share: no prompt is on both sides."""
+    bucket = frame["prompt"].map(lambda p: int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) % 1000 / 1000)
+    heldout = bucket < heldout_fraction
+    return frame[~heldout].reset_index(drop=True), frame[heldout].reset_index(drop=True)
+
+
+def _targets(ratings: pd.Series, bins: int) -> torch.Tensor:
+    """Scalar head: the rating centred to [-1, 1]. Binned head: the bin index of the rating."""
+    r = torch.tensor(ratings.to_numpy(dtype=float), dtype=torch.float32)
+    unit = (r - MIN_RATING) / (MAX_RATING - MIN_RATING)
+    return (unit * (bins - 1)).round().long() if bins else unit * 2 - 1
+
+
+def _to_stars(score: torch.Tensor, bins: int) -> torch.Tensor:
+    unit = score / (bins - 1) if bins else (score + 1) / 2
+    return MIN_RATING + unit * (MAX_RATING - MIN_RATING)
+
+
+@torch.no_grad()
+def score_texts(rm, prompts: list[str], responses: list[str], context: int, device, batch: int = 64) -> torch.Tensor:
+    rm.eval()
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids, mask, pmask = encode_dialogues(prompts[i:i + batch], responses[i:i + batch], context)
+        out.append(rm.score(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device)).float().cpu())
+    rm.train()
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def heldout_metrics(rm, table: FeedbackTable, heldout: pd.DataFrame, config: RewardConfig, context: int,
+                    device) -> dict[str, float]:
+    metrics = {}
+    if table.kind == "ratings":
+        scores = score_texts(rm, list(heldout["prompt"]), list(heldout["response"]), context, device)
+        stars = _to_stars(scores, config.num_binned_output)
+        truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
+        metrics["heldout_rating_rmse"] = float(((stars - truth) ** 2).mean().sqrt())
+        pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin, seed=config.seed)
+    else:
+        pairs = heldout
+    if len(pairs):
+        chosen = score_texts(rm, list(pairs["prompt"]), list(pairs["chosen"]), context, device)
+        rejected = score_texts(rm, list(pairs["prompt"]), list(pairs["rejected"]), context, device)
+        metrics["heldout_pair_accuracy"] = float((chosen > rejected).float().mean())
+        metrics["heldout_pairs"] = float(len(pairs))
+    return metrics
+
+
+def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, context: int, device):
+    if kind == "ratings":
+        ids, mask, pmask = encode_dialogues(list(rows["prompt"]), list(rows["response"]), context)
+        return rm(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device),
+                  labels=_targets(rows["rating"], bins).to(device))
+    c_ids, c_mask, c_pmask = encode_dialogues(list(rows["prompt"]), list(rows["chosen"]), context)
+    r_ids, r_mask, r_pmask = encode_dialogues(list(rows["prompt"]), list(rows["rejected"]), context)
+    loss, accuracy = rm.preference_loss(c_ids.to(device), r_ids.to(device), chosen_mask=c_mask.to(device),
+                                        rejected_mask=r_mask.to(device), chosen_prompt_mask=c_pmask.to(device),
+                                        rejected_prompt_mask=r_pmask.to(device))
+    return loss, {"accuracy": accuracy}
+
+
+def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: FeedbackTable,
+          feedback_uri: str) -> tuple[CheckpointRef, dict[str, float]]:
+    context = pretrained.palm_config["max_seq_len"]
+    train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
+    palm = load_palm(pretrained, "cpu")
+    rm = build_reward_model(palm, {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r})
+    rm = rm.to(run.device)
+    params = rm.finetune_parameters()
+    for p in rm.palm.base_parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    start = 0
+    if run.resume_from is not None:
+        ckpt = load_checkpoint(run.resume_from.uri)
+        rm.load_state_dict(ckpt.weights)
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        restore_rng(ckpt.state["rng"], {"data": data_rng})
+        start = ckpt.ref.step
+
+    model_config = {"palm": pretrained.palm_config, "num_binned_output": config.num_binned_output,
+                    "lora_r": config.lora_r}
+    clock, ref, metrics = Throughput(), run.resume_from, {}
+    with progress_bar("reward", config.steps, start) as show:
+        for step in range(start, config.steps):
+            lr = lr_at(step, lr=config.lr, warmup_steps=min(20, config.steps // 10), total_steps=config.steps)
+            set_lr(optimizer, lr)
+            idx = torch.randint(0, len(train_rows), (config.batch_size,), generator=data_rng)
+            rows = train_rows.iloc[idx.tolist()]
+            stats = train_step(lambda: _batch_loss(rm, rows, table.kind, config.num_binned_output, context,
+                                                   run.device),
+                               params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
+            done = step + 1
+            metrics = {"loss": stats["loss"], "lr": lr, "examples_per_s": clock.rate(config.batch_size)}
+            if "accuracy" in stats:
+                metrics["train_pair_accuracy"] = stats["accuracy"]
+            last = done == config.steps
+            if done % config.checkpoint_every == 0 or last:
+                metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
+            run.metrics.log(done, **metrics)
+            show(done, loss=stats["loss"], **{k: v for k, v in metrics.items() if k.startswith("heldout_pair")})
+            if done % config.checkpoint_every == 0 or last:
+                extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
+                         "metrics": {k: v for k, v in metrics.items() if k != "examples_per_s"}}
+                if last:
+                    scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
+                    extra["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
+                ref = save_checkpoint(run.prefix, done, rm.state_dict(), kind="reward", model_config=model_config,
+                                      stage_config=config.model_dump(mode="json"),
+                                      parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
+                                      data={"feedback": table.digest}, extra=extra,
+                                      state={"optimizer": optimizer.state_dict(),
+                                             "rng": capture_rng({"data": data_rng})})
+    run.metrics.flush()
+    final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
+    log_curves(run, ["loss", "heldout_pair_accuracy"], "reward model", "plots/reward.png")
+    return ref, {k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"}
+
+
+def _all_texts(rows: pd.DataFrame, kind: str) -> tuple[list[str], list[str]]:
+    if kind == "ratings":
+        return list(rows["prompt"]), list(rows["response"])
+    return list(rows["prompt"]) * 2, list(rows["chosen"]) + list(rows["rejected"])
+
+
+def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str | None = None) -> StageResult:
+    """Check inputs, simulate feedback when none is given, then fit (or reuse, or resume) `palm-reward`."""
+    pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
+    tracking.check_tracking()
+    simulated = None
+    if config.feedback is None:
+        corpus_text, corpus_digest = training_corpus(pretrained)
+        device, _ = resolve_runtime(config.runtime)
+        simulated = simulate_feedback(pretrained, config, corpus_text, corpus_digest, device)
+        feedback_uri = simulated["ratings_uri"]
+    else:
+        feedback_uri = config.feedback
+    table = read_feedback(feedback_uri, min_rating=MIN_RATING, max_rating=MAX_RATING)
+    train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
+    if len(train_rows) < 2 or len(heldout) < 1:
+        raise ValueError(f"feedback {feedback_uri} has {len(table.frame)} rows: too few to split into training "
+                         f"and held-out prompts (reward.heldout_fraction {config.heldout_fraction})")
+    context = pretrained.palm_config["max_seq_len"]
+    encode_dialogues(list(table.frame["prompt"]), [""] * len(table.frame), context)  # every prompt fits
+
+    def log_inputs(run_id: str) -> None:
+        tracking.log_frame_dataset(run_id, table.frame, name=f"feedback-{table.kind}", source_uri=feedback_uri,
+                                   digest=table.digest, context="training")
+        if simulated:
+            tracking.log_params(run_id, {"feedback.simulated_mean_rating": round(simulated["mean_rating"], 4)})
+
+    lineage = {"parent.pretrained": pretrained.ref, "data.feedback": table.digest}
+    return execute("reward", config, inputs={"pretrained": pretrained.digest, "feedback": table.digest},
+                   model_name=MODEL_NAME, train_fn=lambda run: train(run, config, pretrained, table, feedback_uri),
+                   lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs)

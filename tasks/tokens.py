@@ -1,0 +1,60 @@
+"""Turning (prompt, response) text into left-padded token batches for the reward model and the policy."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.data import ByteTokenizer
+
+TOKENIZER = ByteTokenizer()
+
+
+def check_prompts_fit(prompts: list[str], context: int, new_tokens: int, what: str) -> None:
+    """Every prompt plus the tokens to generate must fit the model's context; say which prompt does not."""
+    for i, prompt in enumerate(prompts):
+        n = len(TOKENIZER.encode(prompt))
+        if n == 0:
+            raise ValueError(f"{what}: prompt {i} is empty")
+        if n + new_tokens > context:
+            raise ValueError(f"{what}: prompt {i} has {n} tokens; with {new_tokens} new tokens that exceeds the "
+                             f"model context of {context} tokens")
+
+
+def encode_prompts(prompts: list[str], pad_value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, P) left-padded ids and their mask."""
+    ids = [TOKENIZER.encode(p) for p in prompts]
+    P = max(len(x) for x in ids)
+    batch = torch.full((len(ids), P), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(ids), P), dtype=torch.bool)
+    for i, x in enumerate(ids):
+        batch[i, P - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, P - len(x):] = True
+    return batch, mask
+
+
+def encode_dialogues(prompts: list[str], responses: list[str], max_len: int,
+                     pad_value: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt + response per row, left-padded to one width. Responses are cut to fit max_len.
+
+    Returns ids (b, n), mask (b, n) of real tokens, prompt_mask (b, n) of prompt tokens.
+    """
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        p, r = TOKENIZER.encode(prompt), TOKENIZER.encode(response)
+        if len(p) >= max_len:
+            raise ValueError(f"a prompt of {len(p)} tokens does not fit the model context of {max_len} tokens")
+        rows.append((p, r[: max_len - len(p)]))
+    n = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), n), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.bool)
+    prompt_mask = torch.zeros((len(rows), n), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        start = n - len(p) - len(r)
+        ids[i, start:] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, start:] = True
+        prompt_mask[i, start:start + len(p)] = True
+    return ids, mask, prompt_mask
+
+
+def decode_responses(tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [TOKENIZER.decode(row[m].tolist()) for row, m in zip(tokens, mask)]
