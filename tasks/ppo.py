@@ -1,0 +1,134 @@
+"""Stage 3: PPO of the pretrained policy against the fitted reward model.
+
+The reference policy of the per-token KL penalty is the pretrained model itself, frozen. Reward-model scores are
+standardised with the mean and spread the reward stage measured on its training responses, so `kl_coef` means the
+same thing whatever scale the reward head happened to learn.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.ppo import PPOConfig as PPOHyperparameters
+from models.rlhf import RLHFTrainer
+from models.training import capture_rng, restore_rng
+from tasks import tracking
+from tasks.config import PPOConfig
+from tasks.data import read_prompts, text_digest
+from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
+from tasks.progress import progress_bar
+from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
+from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
+from tasks.tokens import check_prompts_fit, encode_prompts
+
+MODEL_NAME = "palm-policy"
+CANDIDATE = "candidate"
+
+
+class StandardisedReward(nn.Module):
+    """(score - mean) / std of a reward model, with the statistics stored in its checkpoint."""
+
+    def __init__(self, reward_model: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.reward_model, self.mean, self.std = reward_model, mean, std
+
+    def score(self, x, mask=None, prompt_mask=None):
+        return (self.reward_model.score(x, mask=mask, prompt_mask=prompt_mask) - self.mean) / self.std
+
+
+def load_standardised_reward(reward: ModelInput, device) -> StandardisedReward:
+    norm = reward.manifest.get("score_norm") or {"mean": 0.0, "std": 1.0}
+    return StandardisedReward(load_reward_model(reward, device), norm["mean"], norm["std"])
+
+
+def policy_model_config(pretrained: ModelInput, config: PPOConfig) -> dict:
+    return {"palm": pretrained.palm_config, "actor_lora": config.actor_lora, "critic_lora": True,
+            "lora_r": config.lora_r}
+
+
+def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, device) -> RLHFTrainer:
+    hp = PPOHyperparameters(
+        gamma=config.gamma, lam=config.lam, clip_eps=config.clip_eps, value_clip_eps=config.value_clip_eps,
+        value_coef=config.value_coef, entropy_coef=config.entropy_coef, kl_coef=config.kl_coef,
+        adaptive_kl=config.adaptive_kl, kl_target=config.kl_target, kl_horizon=config.kl_horizon,
+        ppo_epochs=config.ppo_epochs, max_grad_norm=config.max_grad_norm)
+    trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
+                          actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
+                          critic_lora=True, lora_r=config.lora_r, ppo=hp, seed=config.seed)
+    return trainer.to(device)
+
+
+def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: ModelInput, prompts: list[str],
+          prompts_digest: str) -> tuple[CheckpointRef, dict[str, float]]:
+    trainer = make_trainer(config, pretrained, reward, run.device)
+    start = 0
+    if run.resume_from is not None:
+        ckpt = load_checkpoint(run.resume_from.uri)
+        trainer.actor_critic.load_state_dict(ckpt.weights)
+        trainer.optimizer.load_state_dict(ckpt.state["optimizer"])
+        trainer.kl.load_state_dict(ckpt.state["kl"])
+        restore_rng(ckpt.state["rng"], trainer.generators())
+        start = ckpt.ref.step
+
+    parents = [{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
+               {"uri": reward.checkpoint_uri, "digest": reward.digest}]
+    clock, ref, metrics = Throughput(), run.resume_from, {}
+    with progress_bar("ppo", config.steps, start) as show:
+        for step in range(start, config.steps):
+            idx = torch.randint(0, len(prompts), (config.rollout_batch,), generator=trainer.data_generator)
+            ids, mask = encode_prompts([prompts[i] for i in idx.tolist()])
+            stats = trainer.step(ids.to(run.device), mask.to(run.device), config.max_new_tokens,
+                                 minibatch_size=config.minibatch_size, temperature=config.temperature)
+            done = step + 1
+            metrics = {**stats, "tokens_per_s": clock.rate(stats["response_length"] * config.rollout_batch)}
+            run.metrics.log(done, **metrics)
+            show(done, reward=stats["reward"], kl=stats["kl"])
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                ref = save_checkpoint(
+                    run.prefix, done, trainer.actor_critic.state_dict(), kind="policy",
+                    model_config=policy_model_config(pretrained, config), stage_config=config.model_dump(mode="json"),
+                    parents=parents, data={"prompts": prompts_digest},
+                    extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
+                           "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
+                    state={"optimizer": trainer.optimizer.state_dict(), "kl": trainer.kl.state_dict(),
+                           "rng": capture_rng(trainer.generators())})
+    run.metrics.flush()
+    log_curves(run, ["reward", "kl"], "PPO: reward and KL to the reference", "plots/ppo.png")
+    final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
+    return ref, {k: final[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in final}
+
+
+def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
+    from tasks.data import make_prompts
+
+    if config.prompts:
+        return read_prompts(config.prompts)
+    corpus_text, _ = training_corpus(pretrained)
+    return make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
+
+
+def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
+            parent_run_id: str | None = None) -> StageResult:
+    """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version gets the alias `candidate`."""
+    pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
+    reward = resolve_input(reward_uri, "reward", "--reward-model")
+    check_same_base(pretrained, reward)
+    prompts = load_ppo_prompts(config, pretrained)
+    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "ppo.prompts")
+    prompts_digest = text_digest("\n".join(prompts))
+    tracking.check_tracking()
+
+    def log_inputs(run_id: str) -> None:
+        tracking.log_text_dataset(run_id, name="ppo-prompts", source_uri=config.prompts or "corpus:train-prompts",
+                                  digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
+
+    lineage = {"parent.pretrained": pretrained.ref, "parent.reward": reward.ref, "data.prompts": prompts_digest}
+    result = execute("ppo", config,
+                     inputs={"pretrained": pretrained.digest, "reward": reward.digest, "prompts": prompts_digest},
+                     model_name=MODEL_NAME,
+                     train_fn=lambda run: train(run, config, pretrained, reward, prompts, prompts_digest),
+                     lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs)
+    if not result.cached:
+        tracking.set_alias(MODEL_NAME, CANDIDATE, result.model_version)
+    return result
