@@ -53,6 +53,7 @@ def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, 
         value_coef=config.value_coef, entropy_coef=config.entropy_coef, kl_coef=config.kl_coef,
         adaptive_kl=config.adaptive_kl, kl_target=config.kl_target, kl_horizon=config.kl_horizon,
         ppo_epochs=config.ppo_epochs, max_grad_norm=config.max_grad_norm)
+    torch.manual_seed(config.seed)  # the LoRA initialisation
     trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
                           critic_lora=True, lora_r=config.lora_r, ppo=hp, seed=config.seed)

@@ -60,11 +60,11 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
     from tasks.data import sample_windows
 
     train_tokens, heldout = split_tokens(corpus.tokens, config.heldout_fraction)
+    torch.manual_seed(config.seed)  # the initial weights
     model = build_model(config).to(run.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                   weight_decay=config.weight_decay)
     data_rng = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     start = 0
     if run.resume_from is not None:
         ckpt = load_checkpoint(run.resume_from.uri)

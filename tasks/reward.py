@@ -95,6 +95,7 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     context = pretrained.palm_config["max_seq_len"]
     train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
     palm = load_palm(pretrained, "cpu")
+    torch.manual_seed(config.seed)  # the LoRA and head initialisation
     rm = build_reward_model(palm, {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r})
     rm = rm.to(run.device)
     params = rm.finetune_parameters()

@@ -1,0 +1,113 @@
+"""`palm-rlhf`: run the pipeline, run one stage, or trace a model's lineage.
+
+    palm-rlhf run [--preset tiny|demo] [--set stage.key=value ...] [--summary FILE]
+    palm-rlhf stage NAME [--pretrained URI] [--reward-model URI] [--policy URI] [--preset] [--set] [--summary]
+    palm-rlhf lineage MODEL_URI
+
+Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("pretrain", "reward", "ppo", "eval")
+STAGE_INPUTS = {"pretrain": (), "reward": ("pretrained",), "ppo": ("pretrained", "reward_model"),
+                "eval": ("pretrained", "reward_model", "policy")}
+
+
+def _prefect_environment() -> None:
+    """The embedded Prefect server needs ~25 s to start on 2 cores: more than its default timeout."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palm-rlhf", description="PaLM + RLHF as a pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", default="demo", help="tiny (seconds per stage) or demo (minutes; default)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                       help="override a setting, e.g. --set ppo.kl_coef=0.2 (repeatable)")
+        p.add_argument("--summary", type=Path, help="write the stage results as JSON to this file")
+
+    common(sub.add_parser("run", help="run the whole pipeline"))
+    stage = sub.add_parser("stage", help="run one stage on given inputs")
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--pretrained", help="pretrained model: checkpoint URI or models:/palm-pretrained@alias")
+    stage.add_argument("--reward-model", help="reward model: checkpoint URI or models:/palm-reward@alias")
+    stage.add_argument("--policy", help="policy: checkpoint URI or models:/palm-policy@alias")
+    common(stage)
+    lineage = sub.add_parser("lineage", help="print a model's chain back to its data")
+    lineage.add_argument("model_uri", help="e.g. models:/palm-policy@champion")
+    return parser
+
+
+def _write_summary(path: Path | None, results: dict) -> None:
+    text = json.dumps({name: r.model_dump(exclude={"stage", "run_key"}) for name, r in results.items()}, indent=2)
+    if path is None:
+        print(text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
+def _run(args) -> int:
+    from tasks.config import apply_overrides, preset
+
+    config = apply_overrides(preset(args.preset), args.overrides)  # bad settings fail here, before Prefect starts
+    if args.command == "run":
+        from flows.pipeline import pipeline
+
+        results = pipeline(preset=args.preset, overrides=args.overrides)
+    else:
+        results = {args.name: _run_stage(args, config)}
+    _write_summary(args.summary, results)
+    return 0
+
+
+def _run_stage(args, config):
+    from flows import stages
+
+    missing = [f"--{name.replace('_', '-')}" for name in STAGE_INPUTS[args.name] if not getattr(args, name)]
+    if missing:
+        raise ValueError(f"stage {args.name} needs {' and '.join(missing)}")
+    inputs = {name: getattr(args, name) for name in STAGE_INPUTS[args.name]}
+    flow = {"pretrain": stages.pretrain_flow, "reward": stages.reward_flow, "ppo": stages.ppo_flow,
+            "eval": stages.eval_flow}[args.name]
+    return flow(config=getattr(config, args.name), **inputs)
+
+
+def _lineage(args) -> int:
+    from tasks.lineage import format_lineage, lineage
+
+    print(format_lineage(lineage(args.model_uri)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _prefect_environment()
+    from tasks.redact import redact
+
+    try:
+        return _lineage(args) if args.command == "lineage" else _run(args)
+    except KeyboardInterrupt:
+        print("palm-rlhf: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for people; the traceback is in the Prefect and MLflow run records
+        from tasks.errors import is_user_error
+
+        print(f"palm-rlhf: error: {redact(str(err)) or type(err).__name__}", file=sys.stderr)
+        return 2 if is_user_error(err) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
