@@ -21,11 +21,10 @@ from tasks.inputs import (InputError, ModelInput, check_same_base, load_palm, lo
                           resolve_input, training_corpus)
 from tasks.labeler import load_labeler, rate_all
 from tasks.progress import progress_bar
-from tasks.stage import StageResult, resolve_runtime, run_key, stage_run
+from tasks.stage import CHAMPION, StageResult, resolve_runtime, run_key, stage_run
 from tasks.tokens import check_prompts_fit, decode_responses, encode_prompts
 
 POLICY_MODEL = "palm-policy"
-CHAMPION = "champion"
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -133,6 +132,13 @@ def champion_input(policy: ModelInput) -> ModelInput | None:
     return resolve_input(f"models:/{POLICY_MODEL}/{version}", "policy", "champion")
 
 
+def promote(policy: ModelInput, pretrained: ModelInput, reward: ModelInput) -> None:
+    """The winning policy and the registered models it was made from become `champion` together."""
+    for model in (pretrained, reward, policy):
+        if model.name is not None:
+            tracking.set_alias(model.name, CHAMPION, model.version)
+
+
 def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_uri: str, *,
              parent_run_id: str | None = None) -> StageResult:
     pretrained, reward, policy, prompts, oracle = resolve_eval_inputs(config, pretrained_uri, reward_uri, policy_uri)
@@ -171,7 +177,7 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
         tracking.log_text(run.run_id, examples_text(prompts, per_policy, ratings, config.num_examples),
                           "eval/examples.md")
         if promoted and policy.name == POLICY_MODEL:
-            tracking.set_alias(POLICY_MODEL, CHAMPION, policy.version)
+            promote(policy, pretrained, reward)
     return StageResult(stage="eval", checkpoint_uri=policy.checkpoint_uri, digest=policy.digest,
                        mlflow_run_id=run.run_id, model_name=policy.name, model_version=policy.version, cached=False,
                        run_key=key, metrics=metrics)

@@ -23,7 +23,6 @@ from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_prompts
 
 MODEL_NAME = "palm-policy"
-CANDIDATE = "candidate"
 
 
 class StandardisedReward(nn.Module):
@@ -111,7 +110,7 @@ def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
 
 def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
             parent_run_id: str | None = None) -> StageResult:
-    """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version gets the alias `candidate`."""
+    """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version becomes `candidate`."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     reward = resolve_input(reward_uri, "reward", "--reward-model")
     check_same_base(pretrained, reward)
@@ -125,11 +124,8 @@ def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
                                   digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
 
     lineage = {"parent.pretrained": pretrained.ref, "parent.reward": reward.ref, "data.prompts": prompts_digest}
-    result = execute("ppo", config,
+    return execute("ppo", config,
                      inputs={"pretrained": pretrained.digest, "reward": reward.digest, "prompts": prompts_digest},
                      model_name=MODEL_NAME,
                      train_fn=lambda run: train(run, config, pretrained, reward, prompts, prompts_digest),
                      lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs)
-    if not result.cached:
-        tracking.set_alias(MODEL_NAME, CANDIDATE, result.model_version)
-    return result

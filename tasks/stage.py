@@ -28,6 +28,7 @@ from tasks.store import CheckpointRef, join_uri, latest_checkpoint, read_manifes
 
 RUN_KEY_TAG = "palm_rlhf.run_key"
 STAGE_TAG = "palm_rlhf.stage"
+CANDIDATE, CHAMPION = "candidate", "champion"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 
 
@@ -165,8 +166,10 @@ def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, 
     flow_run = prefect_flow_run_id()
     if flow_run:
         tags[FLOW_RUN_TAG] = flow_run
-    return tracking.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
-                                        lineage=tags)
+    version = tracking.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
+                                           lineage=tags)
+    tracking.set_alias(model_name, CANDIDATE, version)  # the newest; `champion` moves only on an eval win
+    return version
 
 
 def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> StageResult | None:

@@ -1,0 +1,10 @@
+"""Shared test setup: settings every test needs before Prefect is imported, and the loopback server fixtures."""
+
+import os
+
+# The embedded Prefect server needs ~25 s to start on 2 cores, more than its default timeout.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PALM_RLHF_PROGRESS"] = "0"
+
+pytest_plugins = ["tests.servers"]
