@@ -44,6 +44,8 @@ class PaLMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PaLM {name} must be a positive integer, got {value!r}")
+        if self.dim_head % 2:
+            raise ValueError(f"PaLM dim_head must be even for rotary embeddings, got {self.dim_head}")
 
 
 class LoRA(nn.Module):
@@ -216,6 +218,8 @@ class PaLM(nn.Module):
                use_cache: bool = True) -> Generation:
         """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it."""
         b, P = prompt.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if P + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the context of "
                              f"{self.config.max_seq_len} tokens")
@@ -254,17 +258,21 @@ class PaLM(nn.Module):
         """Sample until the sequence (prompt included) is seq_len long; returns only the new tokens.
 
         prompt: (n,), (b, n), or a list of 1-D prompts of different lengths (left-padded here). None starts from one
-        random token, as the reference does.
+        random token, as the reference does, and that token is part of the (1, seq_len) result.
         """
         device = next(self.parameters()).device
+        start = None
         if prompt is None:
-            prompt = torch.randint(0, self.config.num_tokens, (1, 1), device=device, generator=generator)
+            start = torch.randint(0, self.config.num_tokens, (1, 1), device=device, generator=generator)
+            prompt = start
         prompt, prompt_mask, squeeze = as_prompt_batch(prompt, prompt_mask, pad_value)
         if seq_len <= prompt.shape[-1]:
             raise ValueError(f"seq_len ({seq_len}) must be longer than the prompt ({prompt.shape[-1]} tokens)")
         out = self.sample(prompt, prompt_mask, seq_len - prompt.shape[-1], temperature=temperature,
                           filter_thres=filter_thres, eos_token=eos_token, pad_value=pad_value,
                           finetune_scope=finetune_scope, generator=generator, use_cache=use_cache)
+        if start is not None:
+            return torch.cat((start, out.tokens), dim=-1)
         return out.tokens[0] if squeeze else out.tokens
 
     # ---- persistence (weights only, no pickle) --------------------------------------------------------------

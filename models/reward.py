@@ -84,8 +84,10 @@ class RewardModel(nn.Module):
             prompt_mask = torch.zeros_like(x, dtype=torch.bool)
         marker = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)
         h = self.palm(x, mask=mask, finetune_scope=self.scope, extra_embed=marker, return_only_embedding=True)
-        response = ~prompt_mask if mask is None else (mask.bool() & ~prompt_mask)
-        pooled = masked_mean(h, response if bool(response.any(-1).all()) else mask)
+        real = torch.ones_like(prompt_mask) if mask is None else mask.bool()
+        response = real & ~prompt_mask
+        # a row without response tokens is pooled over all its tokens; the choice is per row, never per batch
+        pooled = masked_mean(h, torch.where(response.any(-1, keepdim=True), response, real))
         return self.to_pred(pooled)
 
     def preference_loss(self, chosen: Tensor, rejected: Tensor, *, chosen_mask=None, rejected_mask=None,
@@ -102,3 +104,15 @@ class RewardModel(nn.Module):
             bins = torch.arange(self.num_binned_output, device=pred.device, dtype=pred.dtype)
             return pred.softmax(dim=-1) @ bins
         return pred.squeeze(-1)
+
+    def save(self, path) -> None:
+        """Weights as safetensors (no pickle), with the head's settings as metadata."""
+        from safetensors.torch import save_file
+
+        meta = {"num_binned_output": str(self.num_binned_output), "lora_r": str(self.lora_r)}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    def load(self, path) -> None:
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(path)))

@@ -7,7 +7,7 @@ update), which is what the pipeline checkpoints between.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.actor_critic import ActorCritic, Experience, make_experience, ppo_update, rollout_stats
 from models.palm import PaLM, as_prompt_batch
@@ -22,12 +22,13 @@ def select_best_of_n(scores: Tensor, n: int) -> Tensor:
     return scores[:, :n].argmax(dim=-1)
 
 
-class RLHFTrainer(nn.Module):
+class RLHFTrainer:
+    """Not an nn.Module on purpose: `train` is the reference's training loop, not nn.Module.train(mode)."""
+
     def __init__(self, *, palm: PaLM, reward_model: RewardModel, prompt_token_ids: Tensor | list[Tensor] | None = None,
                  prompts_mask: Tensor | None = None, actor_lr: float = 1e-4, critic_lr: float = 1e-4,
                  actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8, pad_value: int = 0,
                  ppo: PPOConfig | None = None, seed: int = 0, **ppo_kwargs):
-        super().__init__()
         self.cfg = ppo or PPOConfig(**ppo_kwargs)
         self.actor_critic = ActorCritic(palm, actor_lora=actor_lora, critic_lora=critic_lora, lora_r=lora_r)
         self.reward_model = reward_model.eval()
@@ -51,6 +52,12 @@ class RLHFTrainer(nn.Module):
     @property
     def device(self):
         return next(self.actor_critic.parameters()).device
+
+    def to(self, device) -> "RLHFTrainer":
+        """Move the models (the optimiser keeps the same parameter objects)."""
+        self.actor_critic.to(device)
+        self.reward_model.to(device)
+        return self
 
     def generators(self) -> dict[str, torch.Generator]:
         """The random streams a resumed run must restore to continue bit-identically."""
@@ -116,6 +123,8 @@ class RLHFTrainer(nn.Module):
         """Best-of-n: sample num_samples responses and return the one the reward model scores highest."""
         prompt = prompt.reshape(1, -1).to(self.device)
         P = prompt.shape[1]
+        if seq_len <= P:
+            raise ValueError(f"seq_len ({seq_len}) must be longer than the prompt ({P} tokens)")
         palm = self.actor_critic.palm
         gen = palm.sample(prompt.expand(num_samples, -1), None, seq_len - P, temperature=temperature,
                           filter_thres=filter_thres, eos_token=eos_token, pad_value=self.pad_value,

@@ -7,6 +7,7 @@ so a resumed run needs no scheduler state.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from contextlib import nullcontext
@@ -78,9 +79,12 @@ def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = Non
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                    generators: dict[str, torch.Generator] | None = None, **extra) -> dict:
-    """Everything needed to continue bit-identically: weights, optimiser, step, RNG, and any extra state."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "rng": capture_rng(generators), "extra": extra}
+    """A snapshot of everything needed to continue bit-identically: weights, optimiser, step, RNG, extra state.
+
+    Copies, not references: training goes on updating the live tensors in place.
+    """
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                          "rng": capture_rng(generators), "extra": extra})
 
 
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -120,8 +120,6 @@ def test_seeded_sampling_is_reproducible(memorised):
     assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="models/palm.py PaLM.generate: without a prompt it returns seq_len - 1 tokens; "
-                                       "the seed documents palm.generate(2048) -> (1, 2048), random start included")
 def test_generate_without_prompt_returns_seq_len_tokens(palm):
     assert palm.generate(10).shape == (1, 10)
 

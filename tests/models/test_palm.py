@@ -109,8 +109,6 @@ def test_bad_config_is_rejected_naming_the_setting(setting, value):
         PaLM(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="models/palm.py PaLMConfig.__post_init__ accepts an odd dim_head; rotary "
-                                       "embeddings rotate pairs, so the first forward fails with a shape error")
 def test_odd_dim_head_is_rejected_at_construction():
     with pytest.raises(ValueError, match="dim_head"):
         PaLM(num_tokens=VOCAB, dim=32, depth=1, dim_head=15)

@@ -114,9 +114,6 @@ def test_prompt_lengths_are_the_same_as_a_prompt_mask():
     torch.testing.assert_close(rm(seq, prompt_lengths=torch.tensor([4, 4, 4])), rm(seq, prompt_mask=prompt_mask))
 
 
-@pytest.mark.xfail(strict=True, reason="models/reward.py RewardModel.predict: if any row has no response token, "
-                                       "every row falls back to pooling over the whole sequence, so a row's reward "
-                                       "depends on the other rows in its batch")
 def test_a_rows_reward_does_not_depend_on_the_rest_of_the_batch():
     rm = tiny_reward_model()
     seq, prompt_mask = batch(b=2)

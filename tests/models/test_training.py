@@ -46,9 +46,6 @@ def test_resumed_training_is_bit_identical():
     assert all(torch.equal(a, b) for a, b in zip(palm.parameters(), palm2.parameters()))
 
 
-@pytest.mark.xfail(strict=True, reason="models/training.py training_state returns model.state_dict() and "
-                                       "optimizer.state_dict() by reference; later steps update those tensors in "
-                                       "place, so a state captured in memory silently becomes the newer one")
 def test_state_captured_in_memory_is_a_snapshot():
     torch.manual_seed(1)
     palm, opt = fresh()
