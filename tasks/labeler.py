@@ -42,14 +42,16 @@ class RealWordsLabeler:
     anything that is not a letter, ignoring case. If it has fewer than ``min_words`` words, give
     1 star. Otherwise give 1 + 4 x (share of its words found in the vocabulary) stars, rounded to
     the nearest half star (halves round up): all real words is 5 stars, half is 3, none is 1.
-    Word order, grammar, repetition and truthfulness are not judged.
+    Saying the same word over and over is not writing: a word counts as real at most
+    ``max_repeats`` times in one response ("the the the the" is half real). Word order, grammar
+    and truthfulness are not judged.
     """
 
-    def __init__(self, vocabulary: Iterable[str], min_words: int = 3):
+    def __init__(self, vocabulary: Iterable[str], min_words: int = 3, max_repeats: int = 2):
         self.vocabulary = frozenset(w.lower() for w in vocabulary)
         if not self.vocabulary:
             raise LabelerError("RealWordsLabeler needs a non-empty vocabulary")
-        self.min_words = min_words
+        self.min_words, self.max_repeats = min_words, max_repeats
 
     @classmethod
     def from_corpus(cls, text: str, min_count: int = 3, min_words: int = 3) -> RealWordsLabeler:
@@ -65,9 +67,15 @@ class RealWordsLabeler:
         return cls(vocabulary, min_words=min_words)
 
     def score(self, prompt: str, response: str) -> float:
-        """The share of the response's words that are in the vocabulary, in [0, 1] (0 with no words)."""
+        """The share of the response's words that are in the vocabulary, in [0, 1] (0 with no words);
+        occurrences of a word beyond its ``max_repeats``-th do not count as real."""
         tokens = words(response)
-        return sum(w in self.vocabulary for w in tokens) / len(tokens) if tokens else 0.0
+        seen: collections.Counter = collections.Counter()
+        real = 0
+        for w in tokens:
+            seen[w] += 1
+            real += w in self.vocabulary and seen[w] <= self.max_repeats
+        return real / len(tokens) if tokens else 0.0
 
     def rate(self, prompt: str, response: str) -> float:
         if len(words(response)) < self.min_words:

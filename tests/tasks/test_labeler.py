@@ -114,3 +114,10 @@ def test_rate_all_rejects_ratings_outside_the_scale():
         rate_all(Broken(), ["p"], ["r"])
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         rate_all(RealWordsLabeler(VOCAB), ["p", "q"], ["r"])
+
+
+def test_repeating_a_word_does_not_buy_stars():
+    labeler = RealWordsLabeler(["the", "cat", "sat"])
+    assert labeler.score("", "the the the the") == 0.5  # only two of the four count
+    assert labeler.rate("", "the cat sat the cat sat") == 5.0  # twice each is still writing
+    assert labeler.rate("", "the the the the the the the the") == 2.0
