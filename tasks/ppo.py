@@ -18,6 +18,7 @@ from tasks.config import PPOConfig
 from tasks.data import read_prompts, text_digest
 from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
 from tasks.progress import progress_bar
+from tasks.samples import log_samples
 from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_prompts
@@ -85,6 +86,7 @@ def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: Mode
             run.metrics.log(done, **metrics)
             show(done, reward=stats["reward"], kl=stats["kl"])
             if done % config.checkpoint_every == 0 or done == config.steps:
+                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
                 ref = save_checkpoint(
                     run.prefix, done, trainer.actor_critic.state_dict(), kind="policy",
                     model_config=policy_model_config(pretrained, config), stage_config=config.model_dump(mode="json"),
@@ -95,6 +97,8 @@ def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: Mode
                            "rng": capture_rng(trainer.generators())})
     run.metrics.flush()
     log_curves(run, ["reward", "kl"], "PPO: reward and KL to the reference", "plots/ppo.png")
+    log_samples(run.run_id, trainer.actor_critic.palm, scope=trainer.actor_critic.actor_scope, device=run.device,
+                max_new_tokens=config.max_new_tokens, prompts=prompts[:4], seed=config.seed)
     final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
     return ref, {k: final[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in final}
 

@@ -12,6 +12,7 @@ from tasks import tracking
 from tasks.config import PretrainConfig
 from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
 from tasks.progress import progress_bar
+from tasks.samples import log_samples
 from tasks.redact import redact_uri
 from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
@@ -94,6 +95,7 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
             run.metrics.log(done, **metrics)
             show(done, loss=stats["loss"])
             if done % config.checkpoint_every == 0 or done == config.steps:
+                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
                 ref = save_checkpoint(
                     run.prefix, done, model.state_dict(), kind="palm", model_config=model_config,
                     stage_config=config.model_dump(mode="json"), data=data,
@@ -103,6 +105,7 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
     if not metrics:  # resumed at the final step: nothing left to train
         metrics = load_checkpoint(ref.uri, load_state=False).manifest.get("metrics", {})
     log_curves(run, ["loss", "val_loss"], "pretraining loss", "plots/loss.png")
+    log_samples(run.run_id, model, device=run.device, max_new_tokens=config.seq_len // 2, seed=config.seed)
     return ref, {k: metrics[k] for k in ("loss", "val_loss", "tokens_per_s") if k in metrics}
 
 

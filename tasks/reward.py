@@ -138,6 +138,7 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
                 if last:
                     scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
                     extra["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
+                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
                 ref = save_checkpoint(run.prefix, done, rm.state_dict(), kind="reward", model_config=model_config,
                                       stage_config=config.model_dump(mode="json"),
                                       parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
@@ -147,7 +148,20 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     run.metrics.flush()
     final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
     log_curves(run, ["loss", "heldout_pair_accuracy"], "reward model", "plots/reward.png")
+    log_scored_examples(run.run_id, rm, heldout.head(16), table.kind, context, run.device)
     return ref, {k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"}
+
+
+def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, context: int, device) -> None:
+    """Held-out feedback beside the reward model's scores, for people to check what it learned."""
+    rows = rows.copy()
+    if kind == "ratings":
+        rows["reward_model_score"] = score_texts(rm, list(rows["prompt"]), list(rows["response"]), context,
+                                                 device).tolist()
+    else:
+        for side in ("chosen", "rejected"):
+            rows[f"score_{side}"] = score_texts(rm, list(rows["prompt"]), list(rows[side]), context, device).tolist()
+    tracking.log_table(run_id, rows, "samples/heldout_scored.json")
 
 
 def _all_texts(rows: pd.DataFrame, kind: str) -> tuple[list[str], list[str]]:
