@@ -26,6 +26,36 @@ class _Config(BaseModel):
 class Runtime(_Config):
     device: str = "auto"  # "auto" (cuda when there is one), "cpu", "cuda", "cuda:1"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
+    # Data-parallel training (tasks/distributed.py): nproc_per_node processes on each of nnodes machines.
+    nproc_per_node: PositiveInt = 1  # one per GPU
+    nnodes: PositiveInt = 1
+    node_rank: int = Field(0, ge=0)  # this machine's place; node 0 owns the MLflow run and the checkpoints
+    rdzv_endpoint: str | None = Field(None, pattern=r"^\S+:\d+$")  # node 0's host:port, needed with nnodes > 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards weights, gradients and optimizer state across ranks
+    collective_timeout_s: PositiveInt = 600  # a rank stuck this long in a collective fails the stage
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes is {self.nnodes}: set rdzv_endpoint to node 0's host:port")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be below nnodes ({self.nnodes})")
+        if self.nproc_per_node > 1 and ":" in self.device:
+            raise ValueError(f"device {self.device!r} names one GPU but nproc_per_node is {self.nproc_per_node}: "
+                             "use device=cuda (rank i takes GPU i) and CUDA_VISIBLE_DEVICES to choose them")
+        return self
+
+
+def _split_evenly(runtime: Runtime, **sizes: int) -> None:
+    """Every rank trains on an equal slice of the global batch, so a step means the same on any number of ranks."""
+    for name, size in sizes.items():
+        if size % runtime.world_size:
+            raise ValueError(f"{name} ({size}) must be divisible by the number of processes, runtime.nproc_per_node "
+                             f"x runtime.nnodes = {runtime.world_size}")
 
 
 class ModelSettings(_Config):
@@ -61,6 +91,7 @@ class PretrainConfig(_Config):
                              f"({self.model.max_seq_len})")
         if self.model.num_tokens < 256:
             raise ValueError(f"model.num_tokens ({self.model.num_tokens}) is too small for byte tokens (256)")
+        _split_evenly(self.runtime, batch_size=self.batch_size)
         return self
 
 
@@ -87,6 +118,7 @@ class RewardConfig(_Config):
     def _bins(self):
         if self.num_binned_output == 1:
             raise ValueError("num_binned_output must be 0 (scalar head) or at least 2")
+        _split_evenly(self.runtime, batch_size=self.batch_size)
         return self
 
 
@@ -119,6 +151,14 @@ class PPOConfig(_Config):
     seed: int = 0
     runtime: Runtime = Runtime()
 
+    @model_validator(mode="after")
+    def _ranks(self):
+        if self.runtime.strategy == "fsdp" and self.runtime.world_size > 1:
+            raise ValueError("runtime.strategy fsdp is for pretraining and reward fitting; PPO trains LoRA weights "
+                             "that fit every rank, so it all-reduces gradients (strategy ddp)")
+        _split_evenly(self.runtime, rollout_batch=self.rollout_batch, minibatch_size=self.minibatch_size)
+        return self
+
 
 class EvalConfig(_Config):
     prompts: str | None = None  # held-out prompt file URL; None: held-out prompts cut from the corpus
@@ -131,6 +171,12 @@ class EvalConfig(_Config):
     num_examples: PositiveInt = 8  # sample generations logged for people to read
     seed: int = 0
     runtime: Runtime = Runtime()
+
+    @model_validator(mode="after")
+    def _one_process(self):
+        if self.runtime.world_size > 1:
+            raise ValueError("evaluation runs in one process: leave runtime.nproc_per_node and runtime.nnodes at 1")
+        return self
 
 
 class PipelineConfig(_Config):
@@ -187,7 +233,7 @@ def apply_overrides(config: BaseModel, overrides: list[str] | tuple[str, ...], p
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        path = key.split(".")
+        path = _runtime_shorthand(type(config), key.split("."))
         node, model = data, type(config)
         for depth, part in enumerate(path):
             fields = model.model_fields
@@ -203,6 +249,19 @@ def apply_overrides(config: BaseModel, overrides: list[str] | tuple[str, ...], p
                     raise ConfigError(f"setting {prefix + '.'.join(path[:depth + 1])!r} has no sub-settings")
                 node, model = node[part], annotation
     return validate(type(config), data, prefix)
+
+
+def _runtime_shorthand(model: type[BaseModel], path: list[str]) -> list[str]:
+    """`pretrain.nproc_per_node=2` stands for `pretrain.runtime.nproc_per_node=2` (any runtime setting)."""
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return path
+        model = field.annotation
+    last = path[-1]
+    if last not in model.model_fields and "runtime" in model.model_fields and last in Runtime.model_fields:
+        return [*path[:-1], "runtime", last]
+    return path
 
 
 def validate(model: type[BaseModel], data: dict, prefix: str = "") -> BaseModel:
