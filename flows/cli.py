@@ -21,13 +21,21 @@ STAGE_INPUTS = {"pretrain": (), "reward": ("pretrained",), "ppo": ("pretrained",
 
 
 def _prefect_environment() -> None:
-    """The embedded Prefect server needs ~25 s to start on 2 cores: more than its default timeout."""
+    """The embedded Prefect server needs ~25 s to start on 2 cores: more than its default timeout.
+    MLflow's INFO lines (database migrations, registrations) would crowd the one-line errors of this CLI."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other error of this CLI, instead of argparse's usage block."""
+        self.exit(2, f"palm-rlhf: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palm-rlhf", description="PaLM + RLHF as a pipeline.")
+    parser = _Parser(prog="palm-rlhf", description="PaLM + RLHF as a pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -64,6 +72,7 @@ def _run(args) -> int:
 
     config = apply_overrides(preset(args.preset), args.overrides)  # bad settings fail here, before Prefect starts
     if args.command == "run":
+        _check_pipeline(config)
         from flows.pipeline import pipeline
 
         results = pipeline(preset=args.preset, overrides=args.overrides)
@@ -74,15 +83,47 @@ def _run(args) -> int:
 
 
 def _run_stage(args, config):
-    from flows import stages
-
     missing = [f"--{name.replace('_', '-')}" for name in STAGE_INPUTS[args.name] if not getattr(args, name)]
     if missing:
         raise ValueError(f"stage {args.name} needs {' and '.join(missing)}")
     inputs = {name: getattr(args, name) for name in STAGE_INPUTS[args.name]}
+    _check_stage(args.name, config, inputs)
+    from flows import stages
+
     flow = {"pretrain": stages.pretrain_flow, "reward": stages.reward_flow, "ppo": stages.ppo_flow,
             "eval": stages.eval_flow}[args.name]
     return flow(config=getattr(config, args.name), **inputs)
+
+
+def _check_stage(name: str, config, inputs: dict) -> None:
+    """The stage's own input checks, run before Prefect starts: bad input is one line here, not a failed flow run
+    with a traceback (the stage runs them again inside its task, for deployments that bypass this CLI)."""
+    from tasks import evaluate, ppo, pretrain, reward, tracking
+    from tasks.stage import resolve_runtime
+
+    stage_config = getattr(config, name)
+    if name == "pretrain":
+        pretrain.load_corpus(stage_config)
+        resolve_runtime(stage_config.runtime)
+    elif name == "reward":
+        reward.check_inputs(stage_config, inputs["pretrained"])
+    elif name == "ppo":
+        ppo.check_inputs(stage_config, inputs["pretrained"], inputs["reward_model"])
+    else:
+        evaluate.resolve_eval_inputs(stage_config, inputs["pretrained"], inputs["reward_model"], inputs["policy"])
+        resolve_runtime(stage_config.runtime)
+    tracking.check_tracking()
+
+
+def _check_pipeline(config) -> None:
+    """What can be checked before the first stage: the corpus, the devices, the tracking server."""
+    from tasks import pretrain, tracking
+    from tasks.stage import resolve_runtime
+
+    pretrain.load_corpus(config.pretrain)
+    for name in STAGES:
+        resolve_runtime(getattr(config, name).runtime)
+    tracking.check_tracking()
 
 
 def _lineage(args) -> int:
@@ -105,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one line for people; the traceback is in the Prefect and MLflow run records
         from tasks.errors import is_user_error
 
-        print(f"palm-rlhf: error: {redact(str(err)) or type(err).__name__}", file=sys.stderr)
+        message = " ".join(redact(str(err)).split())  # one line, whatever the message's own layout
+        print(f"palm-rlhf: error: {message or type(err).__name__}", file=sys.stderr)
         return 2 if is_user_error(err) else 1
 
 

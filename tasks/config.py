@@ -24,7 +24,7 @@ class _Config(BaseModel):
 
 
 class Runtime(_Config):
-    device: str = "auto"  # "auto" (cuda when there is one), "cpu", "cuda", "cuda:1"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda when there is one; cpu, cuda, cuda:1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
     # Data-parallel training (tasks/distributed.py): nproc_per_node processes on each of nnodes machines.
     nproc_per_node: PositiveInt = 1  # one per GPU

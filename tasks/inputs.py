@@ -5,16 +5,19 @@ A downstream stage never restates an architecture: it reads it from the checkpoi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import fsspec
 import torch
 
 from models.actor_critic import ActorCritic
 from models.palm import PaLM
 from models.reward import RewardModel
 from tasks import tracking
+from tasks.data import ByteTokenizer
 from tasks.redact import redact_uri
-from tasks.store import load_checkpoint, read_manifest
+from tasks.store import WEIGHTS, join_uri, load_checkpoint, read_manifest, verify_checkpoint
 
 
 class InputError(ValueError):
@@ -42,7 +45,8 @@ class ModelInput:
 
 
 def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
-    """Resolve and check one model input without loading its weights (cheap, before any compute)."""
+    """Resolve and check one model input before any compute: its kind, every file's sha256, its vocabulary, and that
+    its weights have the shapes of the architecture its manifest describes (checked without building tensors)."""
     if not uri:
         raise InputError(f"{role}: no model given")
     info = tracking.resolve_model_uri(uri)
@@ -53,7 +57,46 @@ def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
     if info["digest"] and info["digest"] != manifest["digest"]:
         raise InputError(f"{role} {redact_uri(uri)}: the registry says digest {info['digest']} but the checkpoint "
                          f"at {redact_uri(info['checkpoint_uri'])} has {manifest['digest']}")
-    return ModelInput(uri, info["checkpoint_uri"], manifest["digest"], manifest, info["name"], info["version"])
+    verify_checkpoint(info["checkpoint_uri"])  # a torn or corrupt input fails here, naming the file and the check
+    found = ModelInput(uri, info["checkpoint_uri"], manifest["digest"], manifest, info["name"], info["version"])
+    vocab = found.palm_config["num_tokens"]
+    if vocab < ByteTokenizer.vocab_size:
+        raise InputError(f"{role} {redact_uri(uri)} has a vocabulary of {vocab} tokens; byte tokens need "
+                         f"{ByteTokenizer.vocab_size} (ids {vocab}-255 would be out of range)")
+    _check_architecture(found, role)
+    return found
+
+
+def _empty_model(inp: ModelInput) -> torch.nn.Module:
+    """The module the manifest describes, on the meta device: shapes without memory."""
+    cfg = inp.manifest["model_config"]
+    with torch.device("meta"):
+        if inp.manifest["kind"] == "palm":
+            return PaLM.from_config(cfg)
+        palm = PaLM.from_config(cfg["palm"])
+        return build_reward_model(palm, cfg) if inp.manifest["kind"] == "reward" else build_actor_critic(palm, cfg)
+
+
+def _check_architecture(inp: ModelInput, role: str) -> None:
+    """Compare the safetensors header (names and shapes) with the manifest's architecture, before any compute."""
+    with fsspec.open(join_uri(inp.checkpoint_uri, WEIGHTS), "rb") as f:  # verified just before: the header parses
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    found = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    try:
+        expected = {k: list(v.shape) for k, v in _empty_model(inp).state_dict().items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{role} {redact_uri(inp.requested)}: its manifest's model_config cannot build a "
+                         f"{inp.manifest['kind']!r} model ({type(err).__name__}: {err})") from None
+    if found == expected:
+        return
+    wrong = sorted(k for k in found.keys() & expected.keys() if found[k] != expected[k])
+    if wrong:
+        detail = f"{wrong[0]} has shape {found[wrong[0]]}, the architecture needs {expected[wrong[0]]}"
+    else:
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+    raise InputError(f"{role} {redact_uri(inp.requested)}: {WEIGHTS} does not match the architecture in its manifest "
+                     f"({detail})")
 
 
 def check_same_base(a: ModelInput, b: ModelInput) -> None:

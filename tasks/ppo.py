@@ -12,14 +12,14 @@ from torch import nn
 
 from models.ppo import PPOConfig as PPOHyperparameters
 from models.rlhf import RLHFTrainer
-from models.training import capture_rng, restore_rng
+from models.training import capture_rng, finite_or_raise, restore_rng
 from tasks import tracking
 from tasks.config import PPOConfig
 from tasks.data import read_prompts, text_digest
 from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
 from tasks.progress import progress_bar
 from tasks.samples import log_samples
-from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
+from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_prompts
 
@@ -60,6 +60,15 @@ def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, 
     return trainer.to(device)
 
 
+@torch.no_grad()
+def check_policy_finite(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """An update that blew up the weights shows here, before a checkpoint keeps it, rather than as a sampling error
+    on the next rollout: the policy's logits on the prompts it just trained on must be finite."""
+    logits = trainer.actor_critic.policy_logits(ids, mask)
+    if not torch.isfinite(logits[mask]).all():
+        raise FloatingPointError("the policy's logits are no longer finite after this step's update")
+
+
 def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: ModelInput, prompts: list[str],
           prompts_digest: str) -> tuple[CheckpointRef, dict[str, float]]:
     trainer = make_trainer(config, pretrained, reward, run.device)
@@ -79,9 +88,18 @@ def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: Mode
         for step in range(start, config.steps):
             idx = torch.randint(0, len(prompts), (config.rollout_batch,), generator=trainer.data_generator)
             ids, mask = encode_prompts([prompts[i] for i in idx.tolist()])
-            stats = trainer.step(ids.to(run.device), mask.to(run.device), config.max_new_tokens,
-                                 minibatch_size=config.minibatch_size, temperature=config.temperature)
             done = step + 1
+            try:  # a non-finite number stops the stage before it is logged or checkpointed
+                stats = trainer.step(ids.to(run.device), mask.to(run.device), config.max_new_tokens,
+                                     minibatch_size=config.minibatch_size, temperature=config.temperature)
+                for name, value in stats.items():
+                    finite_or_raise(name, value)
+                check_policy_finite(trainer, ids.to(run.device), mask.to(run.device))
+            except FloatingPointError as err:
+                kept = (f"the last good checkpoint, step {ref.step}, is kept: {ref.uri}" if ref
+                        else "no checkpoint was written")
+                raise FloatingPointError(f"ppo stopped at step {done} (actor_lr {config.actor_lr:.3g}): {err}; "
+                                         f"{kept}") from None
             metrics = {**stats, "tokens_per_s": clock.rate(stats["response_length"] * config.rollout_batch)}
             run.metrics.log(done, **metrics)
             show(done, reward=stats["reward"], kl=stats["kl"])
@@ -112,14 +130,21 @@ def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
     return make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
 
 
-def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
-            parent_run_id: str | None = None) -> StageResult:
-    """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version becomes `candidate`."""
+def check_inputs(config: PPOConfig, pretrained_uri: str, reward_uri: str) -> tuple[ModelInput, ModelInput, list[str]]:
+    """Every check on the stage's inputs, before any compute: both models, the device, and the prompts."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     reward = resolve_input(reward_uri, "reward", "--reward-model")
     check_same_base(pretrained, reward)
+    resolve_runtime(config.runtime)
     prompts = load_ppo_prompts(config, pretrained)
     check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "ppo.prompts")
+    return pretrained, reward, prompts
+
+
+def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
+            parent_run_id: str | None = None) -> StageResult:
+    """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version becomes `candidate`."""
+    pretrained, reward, prompts = check_inputs(config, pretrained_uri, reward_uri)
     prompts_digest = text_digest("\n".join(prompts))
     tracking.check_tracking()
 

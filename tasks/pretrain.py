@@ -7,14 +7,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from models.palm import PaLM
-from models.training import capture_rng, lr_at, restore_rng, set_lr, train_step
+from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks import tracking
 from tasks.config import PretrainConfig
 from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
 from tasks.progress import progress_bar
 from tasks.samples import log_samples
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves
+from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 
 MODEL_NAME = "palm-pretrained"
@@ -85,13 +85,19 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
             lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps)
             set_lr(optimizer, lr)
             batch = sample_windows(train_tokens, config.batch_size, config.seq_len, data_rng).to(run.device)
-            stats = train_step(lambda: model(batch, return_loss=True), list(model.parameters()), optimizer,
-                               device=run.device, amp_dtype=run.amp_dtype)
             done = step + 1
-            metrics = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                       "tokens_per_s": clock.rate(tokens_per_step)}
-            if done % config.eval_every == 0 or done == config.steps:
-                metrics["val_loss"] = validation_loss(model, heldout, config, run.device)
+            try:  # a non-finite number stops the stage before it is logged or checkpointed
+                stats = train_step(lambda: model(batch, return_loss=True), list(model.parameters()), optimizer,
+                                   device=run.device, amp_dtype=run.amp_dtype)
+                metrics = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
+                           "tokens_per_s": clock.rate(tokens_per_step)}
+                if done % config.eval_every == 0 or done == config.steps:
+                    metrics["val_loss"] = validation_loss(model, heldout, config, run.device)
+                    finite_or_raise("val_loss", metrics["val_loss"])
+            except FloatingPointError as err:
+                kept = (f"the last good checkpoint, step {ref.step}, is kept: {ref.uri}" if ref
+                        else "no checkpoint was written")
+                raise FloatingPointError(f"pretrain stopped at step {done} (lr {lr:.3g}): {err}; {kept}") from None
             run.metrics.log(done, **metrics)
             show(done, loss=stats["loss"])
             if done % config.checkpoint_every == 0 or done == config.steps:
@@ -112,6 +118,7 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
 def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None) -> StageResult:
     """The whole stage: check the corpus, then train (or reuse, or resume) and register `palm-pretrained`."""
     corpus = load_corpus(config)
+    resolve_runtime(config.runtime)
     tracking.check_tracking()
 
     def log_inputs(run_id: str) -> None:

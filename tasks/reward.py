@@ -13,16 +13,18 @@ import hashlib
 import pandas as pd
 import torch
 
-from models.training import capture_rng, lr_at, restore_rng, set_lr, train_step
+from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks import tracking
 from tasks.config import RewardConfig
-from tasks.data import FeedbackTable, pairs_from_ratings, read_feedback
+from tasks.data import FeedbackTable, make_prompts, pairs_from_ratings, read_feedback
 from tasks.feedback import simulate_feedback
 from tasks.inputs import ModelInput, build_reward_model, load_palm, resolve_input, training_corpus
+from tasks.labeler import load_labeler
 from tasks.progress import progress_bar
+from tasks.redact import redact_uri
 from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
-from tasks.tokens import encode_dialogues
+from tasks.tokens import check_prompts_fit, encode_dialogues
 
 MODEL_NAME = "palm-reward"
 MIN_RATING, MAX_RATING = 1.0, 5.0
@@ -120,24 +122,31 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
             set_lr(optimizer, lr)
             idx = torch.randint(0, len(train_rows), (config.batch_size,), generator=data_rng)
             rows = train_rows.iloc[idx.tolist()]
-            stats = train_step(lambda: _batch_loss(rm, rows, table.kind, config.num_binned_output, context,
-                                                   run.device),
-                               params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
-            done = step + 1
-            metrics = {"loss": stats["loss"], "lr": lr, "examples_per_s": clock.rate(config.batch_size)}
-            if "accuracy" in stats:
-                metrics["train_pair_accuracy"] = stats["accuracy"]
-            last = done == config.steps
-            if done % config.checkpoint_every == 0 or last:
-                metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
-            run.metrics.log(done, **metrics)
-            show(done, loss=stats["loss"], **{k: v for k, v in metrics.items() if k.startswith("heldout_pair")})
-            if done % config.checkpoint_every == 0 or last:
-                extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
-                         "metrics": {k: v for k, v in metrics.items() if k != "examples_per_s"}}
+            done, last = step + 1, step + 1 == config.steps
+            try:  # a non-finite number stops the stage before it is logged or checkpointed
+                stats = train_step(lambda: _batch_loss(rm, rows, table.kind, config.num_binned_output, context,
+                                                       run.device),
+                                   params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
+                metrics = {"loss": stats["loss"], "lr": lr, "examples_per_s": clock.rate(config.batch_size)}
+                if "accuracy" in stats:
+                    metrics["train_pair_accuracy"] = stats["accuracy"]
+                if done % config.checkpoint_every == 0 or last:
+                    metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
+                    extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
+                             "metrics": {k: v for k, v in metrics.items() if k != "examples_per_s"}}
                 if last:
                     scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
                     extra["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
+                    finite_or_raise("the mean reward-model score", extra["score_norm"]["mean"])
+                for name, value in metrics.items():
+                    finite_or_raise(name, value)
+            except FloatingPointError as err:
+                kept = (f"the last good checkpoint, step {ref.step}, is kept: {ref.uri}" if ref
+                        else "no checkpoint was written")
+                raise FloatingPointError(f"reward stopped at step {done} (lr {lr:.3g}): {err}; {kept}") from None
+            run.metrics.log(done, **metrics)
+            show(done, loss=stats["loss"], **{k: v for k, v in metrics.items() if k.startswith("heldout_pair")})
+            if done % config.checkpoint_every == 0 or last:
                 run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
                 ref = save_checkpoint(run.prefix, done, rm.state_dict(), kind="reward", model_config=model_config,
                                       stage_config=config.model_dump(mode="json"),
@@ -170,25 +179,45 @@ def _all_texts(rows: pd.DataFrame, kind: str) -> tuple[list[str], list[str]]:
     return list(rows["prompt"]) * 2, list(rows["chosen"]) + list(rows["rejected"])
 
 
+def _check_split(frame: pd.DataFrame, config: RewardConfig, what: str) -> None:
+    train_rows, heldout = split_by_prompt(frame, config.heldout_fraction)
+    if len(train_rows) < 2 or len(heldout) < 1:
+        raise ValueError(f"{what} has {len(frame)} rows: too few to split into training and held-out prompts "
+                         f"(reward.heldout_fraction {config.heldout_fraction})")
+
+
+def check_inputs(config: RewardConfig, pretrained_uri: str) -> tuple[ModelInput, FeedbackTable | None]:
+    """Every check on the stage's inputs, before any compute: the pretrained model, the device, and the feedback file
+    or, when feedback is to be simulated (None is returned for it), the prompts and the labeler it will use."""
+    pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
+    resolve_runtime(config.runtime)
+    context = pretrained.palm_config["max_seq_len"]
+    if config.feedback is None:
+        corpus_text, _ = training_corpus(pretrained)
+        load_labeler(config.labeler, corpus_text)
+        prompts = make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
+        check_prompts_fit(prompts, context, config.response_tokens, "reward.feedback")
+        rows = pd.DataFrame({"prompt": [p for p in prompts for _ in range(config.samples_per_prompt)]})
+        _check_split(rows, config, "simulated feedback (reward.num_prompts x reward.samples_per_prompt)")
+        return pretrained, None
+    table = read_feedback(config.feedback, min_rating=MIN_RATING, max_rating=MAX_RATING)
+    _check_split(table.frame, config, f"feedback {redact_uri(config.feedback)}")
+    encode_dialogues(list(table.frame["prompt"]), [""] * len(table.frame), context)  # every prompt fits
+    return pretrained, table
+
+
 def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str | None = None) -> StageResult:
     """Check inputs, simulate feedback when none is given, then fit (or reuse, or resume) `palm-reward`."""
-    pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
+    pretrained, table = check_inputs(config, pretrained_uri)
     tracking.check_tracking()
-    simulated = None
-    if config.feedback is None:
+    simulated, feedback_uri = None, config.feedback
+    if table is None:
         corpus_text, corpus_digest = training_corpus(pretrained)
         device, _ = resolve_runtime(config.runtime)
         simulated = simulate_feedback(pretrained, config, corpus_text, corpus_digest, device)
         feedback_uri = simulated["ratings_uri"]
-    else:
-        feedback_uri = config.feedback
-    table = read_feedback(feedback_uri, min_rating=MIN_RATING, max_rating=MAX_RATING)
-    train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
-    if len(train_rows) < 2 or len(heldout) < 1:
-        raise ValueError(f"feedback {feedback_uri} has {len(table.frame)} rows: too few to split into training "
-                         f"and held-out prompts (reward.heldout_fraction {config.heldout_fraction})")
-    context = pretrained.palm_config["max_seq_len"]
-    encode_dialogues(list(table.frame["prompt"]), [""] * len(table.frame), context)  # every prompt fits
+        table = read_feedback(feedback_uri, min_rating=MIN_RATING, max_rating=MAX_RATING)
+        _check_split(table.frame, config, f"feedback {feedback_uri}")
 
     def log_inputs(run_id: str) -> None:
         tracking.log_frame_dataset(run_id, table.frame, name=f"feedback-{table.kind}", source_uri=feedback_uri,
