@@ -19,7 +19,7 @@ from tasks.config import EvalConfig
 from tasks.data import make_prompts, read_prompts, text_digest
 from tasks.inputs import (InputError, ModelInput, check_same_base, load_palm, load_policy, load_reward_model,
                           resolve_input, training_corpus)
-from tasks.labeler import load_labeler, rate_all
+from tasks.labeler import labeler_identity, load_labeler, rate_all
 from tasks.progress import progress_bar
 from tasks.stage import CHAMPION, StageResult, resolve_runtime, run_key, stage_run
 from tasks.tokens import check_prompts_fit, decode_responses, encode_prompts
@@ -146,7 +146,8 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
     champion = champion_input(policy)
     prompts_digest = text_digest("\n".join(prompts))
     key = run_key("eval", config, {"pretrained": pretrained.digest, "reward": reward.digest, "policy": policy.digest,
-                                   "champion": champion.digest if champion else None, "prompts": prompts_digest})
+                                   "champion": champion.digest if champion else None, "prompts": prompts_digest,
+                                   "oracle": labeler_identity(oracle, config.labeler)})
     device, _ = resolve_runtime(config.runtime)
     with stage_run("eval", key, config, parent_run_id=parent_run_id, steps=1) as run:
         tracking.log_text_dataset(run.run_id, name="eval-prompts", source_uri=config.prompts or "corpus:heldout",

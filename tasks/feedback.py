@@ -16,16 +16,16 @@ import torch
 from tasks.config import RewardConfig
 from tasks.data import make_prompts, pairs_from_ratings, write_feedback
 from tasks.inputs import ModelInput, load_palm
-from tasks.labeler import load_labeler, rate_all
+from tasks.labeler import labeler_identity, load_labeler, rate_all
 from tasks.progress import progress_bar
 from tasks.store import join_uri, store_root
 from tasks.tokens import check_prompts_fit, decode_responses, encode_prompts
 
 
-def feedback_prefix(pretrained: ModelInput, config: RewardConfig, corpus_digest: str) -> str:
-    fields = ("labeler", "num_prompts", "samples_per_prompt", "prompt_chars", "response_tokens", "temperature",
+def feedback_prefix(pretrained: ModelInput, config: RewardConfig, corpus_digest: str, labeler: str) -> str:
+    fields = ("num_prompts", "samples_per_prompt", "prompt_chars", "response_tokens", "temperature",
               "pair_margin", "seed")
-    payload = {"pretrained": pretrained.digest, "corpus": corpus_digest,
+    payload = {"pretrained": pretrained.digest, "corpus": corpus_digest, "labeler": labeler,
                **{f: getattr(config, f) for f in fields}}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
     return join_uri(store_root(), "feedback", key)
@@ -42,11 +42,11 @@ def _done_marker(prefix: str) -> dict | None:
 def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text: str, corpus_digest: str,
                       device) -> dict[str, str]:
     """Write ratings.parquet and pairs.parquet; returns their URIs and digests. Reused when already written."""
-    prefix = feedback_prefix(pretrained, config, corpus_digest)
+    labeler = load_labeler(config.labeler, corpus_text)
+    prefix = feedback_prefix(pretrained, config, corpus_digest, labeler_identity(labeler, config.labeler))
     done = _done_marker(prefix)
     if done is not None:
         return done
-    labeler = load_labeler(config.labeler, corpus_text)
     prompts = make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
     check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.response_tokens, "reward.feedback")
     palm = load_palm(pretrained, device).eval()

@@ -8,6 +8,7 @@ from people's ratings without seeing their instructions.
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib
 import math
 import re
@@ -42,19 +43,30 @@ class RealWordsLabeler:
     anything that is not a letter, ignoring case. If it has fewer than ``min_words`` words, give
     1 star. Otherwise give 1 + 4 x (share of its words found in the vocabulary) stars, rounded to
     the nearest half star (halves round up): all real words is 5 stars, half is 3, none is 1.
+    A strict rater (``floor`` > 0) gives 1 star to any response whose share is at or below
+    ``floor`` and spreads the stars over the rest: 1 + 4 x (share - floor) / (1 - floor).
     Saying the same word over and over is not writing: a word counts as real at most
     ``max_repeats`` times in one response ("the the the the" is half real). Word order, grammar
     and truthfulness are not judged.
     """
 
-    def __init__(self, vocabulary: Iterable[str], min_words: int = 3, max_repeats: int = 2):
+    def __init__(self, vocabulary: Iterable[str], min_words: int = 3, max_repeats: int = 2, floor: float = 0.0):
         self.vocabulary = frozenset(w.lower() for w in vocabulary)
         if not self.vocabulary:
             raise LabelerError("RealWordsLabeler needs a non-empty vocabulary")
-        self.min_words, self.max_repeats = min_words, max_repeats
+        if not 0 <= floor < 1:
+            raise LabelerError(f"floor must be in [0, 1), got {floor}")
+        self.min_words, self.max_repeats, self.floor = min_words, max_repeats, floor
+
+    @property
+    def identity(self) -> str:
+        """What determines its ratings, for cache keys: feedback from another rater is other data."""
+        digest = hashlib.sha256("\n".join(sorted(self.vocabulary)).encode()).hexdigest()[:12]
+        return (f"real-words(vocab={digest}, min_words={self.min_words}, max_repeats={self.max_repeats}, "
+                f"floor={self.floor})")
 
     @classmethod
-    def from_corpus(cls, text: str, min_count: int = 3, min_words: int = 3) -> RealWordsLabeler:
+    def from_corpus(cls, text: str, min_count: int = 3, min_words: int = 3, **options) -> RealWordsLabeler:
         """Vocabulary: the lowercase alphabetic words seen at least ``min_count`` times in ``text``.
 
         The count threshold keeps out typos and one-off identifiers; single letters other than
@@ -64,7 +76,7 @@ class RealWordsLabeler:
         vocabulary = [w for w, c in counts.items() if c >= min_count and (len(w) > 1 or w in _ONE_LETTER_WORDS)]
         if not vocabulary:
             raise LabelerError(f"no word occurs {min_count} or more times in the corpus; cannot build a vocabulary")
-        return cls(vocabulary, min_words=min_words)
+        return cls(vocabulary, min_words=min_words, **options)
 
     def score(self, prompt: str, response: str) -> float:
         """The share of the response's words that are in the vocabulary, in [0, 1] (0 with no words);
@@ -80,17 +92,21 @@ class RealWordsLabeler:
     def rate(self, prompt: str, response: str) -> float:
         if len(words(response)) < self.min_words:
             return MIN_RATING
-        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * self.score(prompt, response)
+        share = max(self.score(prompt, response) - self.floor, 0.0) / (1 - self.floor)
+        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * share
         return math.floor(stars * 2 + 0.5) / 2  # half stars, halves up (round() would round 2.25 down)
 
 
 def load_labeler(spec: str, corpus_text: str) -> Labeler:
     """A labeler from its spec: "builtin:real-words" (vocabulary from ``corpus_text``) or "package.module:attr".
 
+    The built-in rater is strict (floor 0.5): half the words misspelt is 1 star, which spreads the ratings of a
+    small model's English-looking text over the whole scale.
+
     ``attr`` may be a labeler object, or a class or factory that is called with no arguments.
     """
     if spec == "builtin:real-words":
-        return RealWordsLabeler.from_corpus(corpus_text)
+        return RealWordsLabeler.from_corpus(corpus_text, floor=0.5)
     if spec.startswith("builtin:"):
         raise LabelerError(f"unknown labeler {spec!r}; built-in labelers: {', '.join(BUILTIN_LABELERS)}")
     module_name, _, attr = spec.partition(":")
@@ -126,3 +142,8 @@ def rate_all(labeler: Labeler, prompts: list[str], responses: list[str]) -> list
             raise LabelerError(f"{name} rated response {i} {rating}, outside {MIN_RATING:g} to {MAX_RATING:g} stars")
         ratings.append(rating)
     return ratings
+
+
+def labeler_identity(labeler: Labeler, spec: str) -> str:
+    """The spec plus, where the labeler says, what its ratings depend on."""
+    return f"{spec} {getattr(labeler, 'identity', '')}".strip()

@@ -121,3 +121,20 @@ def test_repeating_a_word_does_not_buy_stars():
     assert labeler.score("", "the the the the") == 0.5  # only two of the four count
     assert labeler.rate("", "the cat sat the cat sat") == 5.0  # twice each is still writing
     assert labeler.rate("", "the the the the the the the the") == 2.0
+
+
+@pytest.mark.parametrize("response, stars", [
+    ("the cat sat on the mat", 5.0),  # share 1
+    ("the cat sat qqq zzz www", 1.0),  # share 4/8 = 0.5: at the floor
+    ("the cat sat on the qqq zzz www", 2.0),  # 5/8 = 0.625: 1 + 4 * 0.25
+    ("the cat sat on the mat qqq zzz", 3.0),  # 6/8 = 0.75: 1 + 4 * 0.5
+    ("the cat sat on the mat a qqq", 4.0),  # 7/8 = 0.875: 1 + 4 * 0.75
+])
+def test_strict_rater_spreads_stars_above_the_floor(response, stars):
+    assert RealWordsLabeler(VOCAB, floor=0.5).rate("", response) == stars
+
+
+def test_builtin_labeler_is_strict_and_names_what_it_depends_on():
+    labeler = load_labeler("builtin:real-words", "the cat sat on the mat " * 3)
+    assert labeler.floor == 0.5
+    assert "floor=0.5" in labeler.identity
