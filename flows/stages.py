@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
@@ -33,6 +35,20 @@ def ppo_task(config: PPOConfig, pretrained: str, reward_model: str, parent_run_i
 def eval_task(config: EvalConfig, pretrained: str, reward_model: str, policy: str,
               parent_run_id: str | None) -> StageResult:
     return run_eval(config, pretrained, reward_model, policy, parent_run_id=parent_run_id)
+
+
+def eval_rows(metrics: dict[str, float]) -> list[dict]:
+    """One row per policy and n, from metric names like oracle_mean.ppo.best_of_16."""
+    rows = []
+    for key, value in metrics.items():
+        match = re.fullmatch(r"oracle_mean\.(\w+)\.best_of_(\d+)", key)
+        if match:
+            policy, n = match.groups()
+            rows.append({"policy": policy, "n": int(n), "oracle_mean": round(value, 3),
+                         "reward_mean": round(metrics[f"reward_mean.{policy}.best_of_{n}"], 3),
+                         "kl_per_token": round(metrics[f"kl_per_token.{policy}"], 4),
+                         "distinct_2": round(metrics[f"distinct_2.{policy}"], 3)})
+    return sorted(rows, key=lambda r: (r["policy"], r["n"]))
 
 
 def _finish(result: StageResult) -> StageResult:
@@ -70,7 +86,7 @@ def eval_flow(pretrained: str, reward_model: str, policy: str, config: EvalConfi
     """Best-of-n on held-out prompts for the pretrained and PPO policies; promotes `champion` on a win."""
     pretrained, reward_model, policy = pin_model(pretrained), pin_model(reward_model), pin_model(policy)
     result = eval_task.with_options(**compute_options())(config, pretrained, reward_model, policy, parent_run_id)
-    rows = [{"metric": k, "value": round(v, 4)} for k, v in sorted(result.metrics.items())]
-    create_table_artifact(rows, key="palm-rlhf-eval-results", description="best-of-n evaluation")
+    create_table_artifact(eval_rows(result.metrics), key="palm-rlhf-eval-results",
+                          description="best-of-n on held-out prompts: oracle rating and reward-model score")
     publish(result)
     return result
