@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import time
 from contextlib import contextmanager
@@ -168,6 +169,12 @@ def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, 
         tags[FLOW_RUN_TAG] = flow_run
     version = tracking.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
                                            lineage=tags)
+    first = registered_version(model_name, key)
+    if first is not None and int(first) < int(version):
+        # An identical run started at the same time registered this checkpoint a moment earlier: keep its version,
+        # so that both runs (and their lineage) name one model.
+        tracking.get_client().delete_model_version(model_name, version)
+        version = first
     tracking.set_alias(model_name, CANDIDATE, version)  # the newest; `champion` moves only on an eval win
     return version
 
@@ -230,6 +237,10 @@ def execute(stage: str, config: BaseModel, *, inputs: dict[str, str | None], mod
     with stage_run(stage, key, config, parent_run_id=parent_run_id, steps=config.steps) as run:
         if log_inputs is not None:
             log_inputs(run.run_id)
+        # Python's global RNG is saved with the trainer state (models.training.capture_rng) though no stage draws
+        # from it; unseeded, two identical runs would write different bytes at the same step and the store would
+        # refuse the second. A resume restores the saved state over this seed.
+        random.seed(key)
         ref, metrics = train_fn(run)
         version = register(stage, model_name, ref, run.run_id, key, lineage) if model_name else None
     return StageResult(stage=stage, checkpoint_uri=ref.uri, digest=ref.digest, mlflow_run_id=run.run_id,
