@@ -50,8 +50,9 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.flatten().tolist()
-        # A sampled sequence can stop inside a multi-byte character; show it rather than fail.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # A sampled sequence can stop inside a multi-byte character, and a model with spare vocabulary
+        # (num_tokens > 256) can sample ids no byte has: show both as U+FFFD rather than fail (0xFF is never UTF-8).
+        return bytes(int(i) if 0 <= int(i) < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
 
 
 def encode_corpus(text: str, tokenizer) -> torch.Tensor:
@@ -155,16 +156,35 @@ def _filesystem(uri: str, storage_options: dict | None, error: type[ValueError])
     return fs, path
 
 
+def _unreadable(uri: str, exc: OSError, error: type[ValueError]) -> ValueError:
+    """Access denied, an unreachable endpoint: fsspec's own message names neither the URL nor a fix."""
+    return error(f"cannot read {redact_uri(uri)}: {type(exc).__name__}: {redact(str(exc))}; "
+                 "check the storage credentials and endpoint in the environment")
+
+
+def _kind(fs, path: str, uri: str, error: type[ValueError]) -> str | None:
+    """"file", "directory", or None when nothing is there; isfile() would call a denied read "missing"."""
+    try:
+        return fs.info(path)["type"]
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable(uri, exc, error) from None
+
+
 def _expand(uri: str, storage_options: dict | None, error: type[ValueError]) -> tuple:
     """The files a URL names: a glob's matches, a folder's files (hidden ones skipped), or the one file."""
     fs, path = _filesystem(uri, storage_options, error)
-    if fsspec.core.has_magic(path):
-        paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
-    elif fs.isdir(path):
-        root = path.rstrip("/")
-        paths = sorted(p for p in fs.find(path) if not re.search(r"(^|/)\.", p[len(root):]))
-    else:
-        paths = [path] if fs.isfile(path) else []
+    try:
+        if fsspec.core.has_magic(path):
+            paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        elif (kind := _kind(fs, path, uri, error)) == "directory":
+            root = path.rstrip("/")
+            paths = sorted(p for p in fs.find(path) if not re.search(r"(^|/)\.", p[len(root):]))
+        else:
+            paths = [path] if kind == "file" else []
+    except OSError as exc:
+        raise _unreadable(uri, exc, error) from None
     if not paths:
         raise error(f"no file matches {redact_uri(uri)}")
     return fs, paths
@@ -222,6 +242,8 @@ def _read_corpus_files(uri: str, text_column: str, storage_options: dict | None)
                 part = fs.cat_file(path).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise CorpusError(f"{shown} is not UTF-8 text (byte {exc.start})") from None
+            except OSError as exc:
+                raise _unreadable(shown, exc, CorpusError) from None
         # A newline between files keeps the last word of one from fusing with the first of the next.
         if parts and not parts[-1].endswith("\n"):
             parts.append("\n")
@@ -413,7 +435,7 @@ def read_feedback(uri: str, *, min_rating: float = 1, max_rating: float = 5,
     shown = redact_uri(uri)
     if _suffix(uri) not in TABLE_SUFFIXES:
         raise FeedbackError(f"feedback {shown}: unknown file type; use one of {', '.join(TABLE_SUFFIXES)}")
-    if not fs.isfile(path):
+    if _kind(fs, path, uri, FeedbackError) != "file":
         raise FeedbackError(f"feedback file not found: {shown}")
     # Keep "" and "NA" in CSV text columns as written: "" is an error to report, "NA" may be a real answer.
     text_dtypes = {c: str for c in ("prompt", "response", "chosen", "rejected")}
