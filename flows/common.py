@@ -12,12 +12,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks import tracking
 from tasks.config import ConfigError
+from tasks.redact import redact_uri
 from tasks.stage import StageResult
 from tasks.store import CheckpointError, verify_checkpoint
 
 # Errors that are the caller's to fix (bad settings, data, URIs): retrying would only repeat them.
 PERMANENT = (ValueError, TypeError, KeyError, FloatingPointError, ConfigError)
-IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15])
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:
@@ -25,11 +25,18 @@ def retry_unless_permanent(task, task_run, state) -> bool:
         state.result()
     except PERMANENT:
         return False
+    except tracking.TrackingUnavailable:  # a tracking server that is restarting answers again
+        return True
+    except tracking.TrackingError:  # no such model or alias, a deleted experiment, a changed config
+        return False
     except CheckpointError as err:  # a damaged checkpoint stays damaged; an unreachable store may come back
         return "unreachable" in str(err) or "Error" in str(err).split("(")[-1]
     except Exception:
         return True
     return False
+
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=retry_unless_permanent)
 
 
 def compute_options() -> dict:
@@ -55,7 +62,7 @@ def verify(uri: str) -> str:
 
 
 def run_link(run_id: str) -> str:
-    uri = tracking.tracking_uri()
+    uri = redact_uri(tracking.tracking_uri())  # a link people click: never with the credentials in it
     if uri.startswith(("http://", "https://")):
         return f"[{run_id}]({uri.rstrip('/')}/#/experiments/{tracking.experiment_id()}/runs/{run_id})"
     return f"`{run_id}` (open with `mlflow ui --backend-store-uri {uri}`)"

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from tasks import tracking
 from tasks.config import Runtime
-from tasks.redact import redact
+from tasks.redact import redact, redact_uri
 from tasks.store import CheckpointRef, join_uri, latest_checkpoint, read_manifest, store_root
 
 RUN_KEY_TAG = "palm_rlhf.run_key"
@@ -148,13 +148,37 @@ def stage_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | N
                    resume_from=latest_checkpoint(prefix))
     try:
         yield run
+        run.metrics.flush(strict=True)
     except BaseException as exc:
-        run.metrics.flush()
-        tracking.get_client().set_tag(run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
-        tracking.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracking_up = tracking.reachable()  # one quick probe: marking a run on a server that is gone takes minutes
+        if tracking_up:
+            _mark_failed(run, exc)
+        if not tracking_up and tracking.is_tracking_failure(exc):
+            raise tracking.TrackingUnavailable(_tracking_lost(run, exc)) from None
         raise
-    run.metrics.flush()
     tracking.end_run(run_id, "FINISHED")
+
+
+def _mark_failed(run: StageRun, exc: BaseException) -> None:
+    """Best effort: the stage's own error is what the caller must see, not a second one from tracking."""
+    try:
+        run.metrics.flush()
+        tracking.get_client().set_tag(run.run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
+        tracking.end_run(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    except Exception:
+        pass
+
+
+def _tracking_lost(run: StageRun, exc: BaseException) -> str:
+    try:
+        latest = latest_checkpoint(run.prefix)
+        kept = f"step {latest.step}" if latest else "none yet"
+    except Exception:
+        kept = "unknown: the store did not answer either"
+    return (f"stage {run.stage}: MLflow tracking at {redact_uri(tracking.tracking_uri())} went away mid-stage "
+            f"({tracking.failure_reason(exc)}); MLflow run {run.run_id} is left RUNNING, and the training is kept in "
+            f"the checkpoints under {redact_uri(run.prefix)} (latest: {kept}): rerun the same command once MLflow "
+            "answers to resume the stage and complete its run")
 
 
 def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, key: str,

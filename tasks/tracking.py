@@ -53,6 +53,10 @@ class TrackingError(RuntimeError):
     """The tracking server or registry cannot do what the pipeline asked."""
 
 
+class TrackingUnavailable(TrackingError):
+    """The tracking server does not answer: worth retrying later, unlike other tracking errors."""
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -99,13 +103,29 @@ def check_tracking() -> None:
         else:
             get_client().search_experiments(max_results=1)
     except Exception as exc:  # any failure here means: do not start the compute
-        raise TrackingError(
-            f"MLflow tracking at {redact_uri(uri)} is unreachable ({_reason(exc)}); "
+        raise TrackingUnavailable(
+            f"MLflow tracking at {redact_uri(uri)} is unreachable ({failure_reason(exc)}); "
             "start the server or fix MLFLOW_TRACKING_URI"
         ) from None
 
 
-def _reason(exc: Exception) -> str:
+def reachable() -> bool:
+    """One quick probe (no retries): does the tracking server answer right now?"""
+    try:
+        check_tracking()
+    except TrackingUnavailable:
+        return False
+    return True
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """An error raised by talking to MLflow (as opposed to one of the stage's own)."""
+    import requests
+
+    return isinstance(exc, (MlflowException, TrackingError, requests.RequestException))
+
+
+def failure_reason(exc: BaseException) -> str:
     """The gist of a failed probe; MLflow's own message nests three layers of urllib3."""
     text = str(exc)
     if "NameResolution" in text or "Failed to resolve" in text:
@@ -178,7 +198,12 @@ def start_run(name: str, *, parent_run_id: str | None = None, tags: dict = {}) -
 
 def reopen_run(run_id: str) -> None:
     """Mark a run found by ``find_run`` as running again (a resumed stage)."""
-    get_client().update_run(run_id, status="RUNNING")
+    client = get_client()
+    error = client.get_run(run_id).data.tags.get("error")
+    if error is not None:  # what stopped the earlier attempt: history now, not the state of a run that goes on
+        client.set_tag(run_id, "resumed_after_error", error)
+        client.delete_tag(run_id, "error")
+    client.update_run(run_id, status="RUNNING")
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -234,7 +259,14 @@ def log_params(run_id: str, params: dict) -> None:
 
 class MetricLogger:
     """Per-step metrics, sent every ``flush_every`` calls to ``log``, with the whole
-    history kept for plots. Call ``flush`` (or use it as a context manager) at the end."""
+    history kept for plots. Call ``flush`` (or use it as a context manager) at the end.
+
+    A flush that fails keeps its metrics for the next one instead of raising: training
+    loops flush right before they checkpoint, and a tracking server that went away must
+    not cost the checkpoint. While the server stays away, each flush costs one quick
+    probe instead of MLflow's own retries (minutes). ``flush(strict=True)`` raises
+    ``TrackingUnavailable`` when metrics are still unsent.
+    """
 
     def __init__(self, run_id: str, flush_every: int = 50):
         self.run_id = run_id
@@ -243,6 +275,7 @@ class MetricLogger:
         self._pending: list[Metric] = []
         self._calls = 0
         self._lock = threading.Lock()
+        self.failure: str | None = None  # why the last flush failed; None once one succeeds
 
     def log(self, step: int, **metrics: float) -> None:
         now = int(time.time() * 1000)
@@ -256,12 +289,24 @@ class MetricLogger:
         if due:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, strict: bool = False) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        client = get_client()
-        for start in range(0, len(pending), 1000):  # MLflow takes 1000 metrics per batch
-            client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+        sent = 0
+        try:
+            if pending and self.failure is not None:
+                check_tracking()  # still away? one quick probe, not MLflow's retries
+            client = get_client()
+            for sent in range(0, len(pending), 1000):  # MLflow takes 1000 metrics per batch
+                client.log_batch(self.run_id, metrics=pending[sent : sent + 1000])
+            sent, self.failure = len(pending), None
+        except Exception as exc:
+            with self._lock:  # keep what was not sent, in order, ahead of anything logged since
+                self._pending[:0] = pending[sent:]
+            self.failure = f"{type(exc).__name__}: {failure_reason(exc)}"
+        if strict and self._pending:
+            raise TrackingUnavailable(f"{len(self._pending)} metrics of run {self.run_id} could not be sent "
+                                      f"to MLflow at {redact_uri(tracking_uri())} ({self.failure})")
 
     def __enter__(self) -> "MetricLogger":
         return self
@@ -466,6 +511,7 @@ def resolve_model_uri(uri: str) -> dict:
     if not uri.startswith("models:/"):
         return {"name": None, "version": None, "checkpoint_uri": uri, "digest": None,
                 "run_id": None, "tags": {}, "aliases": []}
+    check_tracking()  # a clear line in seconds, not MLflow's minutes of retries, when the server is away
     mv = _model_version(get_client(), uri)
     tags = dict(mv.tags)
     return {
