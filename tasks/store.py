@@ -339,9 +339,10 @@ def save_checkpoint(
     """Write ``<prefix>/step-<step:08d>/`` and return its ref.
 
     Everything is validated and serialized in memory before the first byte is written.
-    Saving the same content again returns the existing ref (a retried task is harmless);
-    different content at an existing step is refused unless ``overwrite=True``, because
-    downstream manifests name this checkpoint by URI and digest.
+    Saving the same content again returns the existing ref (a retried task is harmless), and
+    so does saving the same model with other trainer state (see ``_same_model``); different
+    content at an existing step is refused unless ``overwrite=True``, because downstream
+    manifests name this checkpoint by URI and digest.
     """
     if type(step) is not int or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
@@ -364,12 +365,29 @@ def save_checkpoint(
             old = None  # a garbled manifest publishes nothing: replace it like a torn folder
         if old == manifest:
             return ref
+        if old is not None and not overwrite and _same_model(old, manifest):
+            return _ref(uri, old)
         if old is not None and not overwrite:
             raise _fail(uri, "already exists with different content (checkpoints are immutable; pass overwrite=True)")
         with _io(uri, f"remove the old {MANIFEST}"):
             fs.rm_file(f"{path}/{MANIFEST}")  # unpublish first: readers never see new files under the old manifest
     _write(fs, path, uri, files, manifest)
     return ref
+
+
+def _same_model(old: dict, new: dict) -> bool:
+    """The same weights, configs, lineage and metrics: only the trainer state may differ.
+
+    Two identical runs started together write the same step of the same run key. Their trainer
+    state can differ in Python's global RNG: it is saved although no stage draws from it, and
+    other code in the process can draw from it between checkpoints (a retry's jitter, say).
+    The first writer's checkpoint stands for both.
+    """
+
+    def model(manifest: dict) -> dict:
+        return {**manifest, "files": manifest["files"][WEIGHTS]}
+
+    return model(old) == model(new)
 
 
 def _write(fs, path: str, uri: str, files: dict[str, bytes], manifest: dict) -> None:
