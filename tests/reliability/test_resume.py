@@ -134,11 +134,12 @@ def tear_next_checkpoint(folder: Path, stage: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory) -> dict:
+def interrupted(tmp_path_factory, reference) -> dict:
     """Each stage killed once mid-run, a torn checkpoint left behind, then the same command run again.
 
-    To save interpreter starts, the process that resumes one stage goes on to the next, which is killed in turn.
-    Returns per stage: the resumed result, the step it resumed from, and its checkpoint folder.
+    Asks for `reference` only to start it first: the two chains run side by side. To save interpreter starts, the
+    process that resumes one stage goes on to the next, which is killed in turn. Returns per stage: the resumed
+    result, the step it resumed from, and its checkpoint folder.
     """
     home = tmp_path_factory.mktemp("interrupted") / "home"
     kill_at = {"pretrain": 16, "reward": 12, "ppo": 6}
