@@ -7,13 +7,15 @@ same thing whatever scale the reward head happened to learn.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from models.ppo import PPOConfig as PPOHyperparameters
 from models.rlhf import RLHFTrainer
 from models.training import capture_rng, finite_or_raise, restore_rng
-from tasks import tracking
+from tasks import distributed, tracking
 from tasks.config import PPOConfig
 from tasks.data import read_prompts, text_digest
 from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
@@ -69,9 +71,33 @@ def check_policy_finite(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Ten
         raise FloatingPointError("the policy's logits are no longer finite after this step's update")
 
 
+def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config: PPOConfig,
+             averager: distributed.GradientAverager | None) -> dict[str, float]:
+    """One PPO iteration. Across ranks, each samples and scores its share of the rollouts from its own stream, the
+    KL controller moves on the mean KL over all of them, and the update averages gradients (`averager`), so every
+    rank applies the same update. Not the one-process numbers: advantages are whitened per rank, and the samples
+    differ."""
+    if averager is None:
+        return trainer.step(ids, mask, config.max_new_tokens, minibatch_size=config.minibatch_size,
+                            temperature=config.temperature)
+    seed = int(torch.randint(0, 2**62, (1,), generator=trainer.data_generator))  # a stream saved with checkpoints
+    trainer.generators()["sample"].manual_seed(seed + distributed.rank())
+    kl_before = trainer.kl.state_dict()
+    exp, stats = trainer.rollout(ids, mask, config.max_new_tokens, temperature=config.temperature)
+    stats = distributed.mean(stats)
+    trainer.kl.load_state_dict(kl_before)  # rollout() moved it on this rank's KL alone
+    trainer.kl.update(stats["kl"], config.rollout_batch)
+    learned = trainer.learn([exp], config.minibatch_size // distributed.world())
+    averager.check()
+    return {**stats, **distributed.mean(learned)}
+
+
 def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: ModelInput, prompts: list[str],
           prompts_digest: str) -> tuple[CheckpointRef, dict[str, float]]:
     trainer = make_trainer(config, pretrained, reward, run.device)
+    averager = None
+    if distributed.active():
+        averager = distributed.GradientAverager(p for g in trainer.optimizer.param_groups for p in g["params"])
     start = 0
     if run.resume_from is not None:
         ckpt = load_checkpoint(run.resume_from.uri)
@@ -87,11 +113,10 @@ def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: Mode
     with progress_bar("ppo", config.steps, start) as show:
         for step in range(start, config.steps):
             idx = torch.randint(0, len(prompts), (config.rollout_batch,), generator=trainer.data_generator)
-            ids, mask = encode_prompts([prompts[i] for i in idx.tolist()])
+            ids, mask = encode_prompts([prompts[i] for i in distributed.shard(idx).tolist()])
             done = step + 1
             try:  # a non-finite number stops the stage before it is logged or checkpointed
-                stats = trainer.step(ids.to(run.device), mask.to(run.device), config.max_new_tokens,
-                                     minibatch_size=config.minibatch_size, temperature=config.temperature)
+                stats = ppo_step(trainer, ids.to(run.device), mask.to(run.device), config, averager)
                 for name, value in stats.items():
                     finite_or_raise(name, value)
                 check_policy_finite(trainer, ids.to(run.device), mask.to(run.device))
@@ -105,15 +130,19 @@ def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: Mode
             show(done, reward=stats["reward"], kl=stats["kl"])
             if done % config.checkpoint_every == 0 or done == config.steps:
                 run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
-                ref = save_checkpoint(
-                    run.prefix, done, trainer.actor_critic.state_dict(), kind="policy",
-                    model_config=policy_model_config(pretrained, config), stage_config=config.model_dump(mode="json"),
-                    parents=parents, data={"prompts": prompts_digest},
-                    extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
-                           "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
-                    state={"optimizer": trainer.optimizer.state_dict(), "kl": trainer.kl.state_dict(),
-                           "rng": capture_rng(trainer.generators())})
+                if distributed.is_main():
+                    ref = save_checkpoint(
+                        run.prefix, done, trainer.actor_critic.state_dict(), kind="policy",
+                        model_config=policy_model_config(pretrained, config),
+                        stage_config=config.model_dump(mode="json"), parents=parents, data={"prompts": prompts_digest},
+                        extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
+                               "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
+                        state={"optimizer": trainer.optimizer.state_dict(), "kl": trainer.kl.state_dict(),
+                               "rng": capture_rng(trainer.generators())})
+                distributed.barrier()
     run.metrics.flush()
+    if not distributed.is_main():  # rank 0 reports; the stage returns its result
+        return ref, {}
     log_curves(run, ["reward", "kl"], "PPO: reward and KL to the reference", "plots/ppo.png")
     log_samples(run.run_id, trainer.actor_critic.palm, scope=trainer.actor_critic.actor_scope, device=run.device,
                 max_new_tokens=config.max_new_tokens, prompts=prompts[:4], seed=config.seed)
@@ -153,8 +182,8 @@ def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
                                   digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
 
     lineage = {"parent.pretrained": pretrained.ref, "parent.reward": reward.ref, "data.prompts": prompts_digest}
-    return execute("ppo", config,
-                     inputs={"pretrained": pretrained.digest, "reward": reward.digest, "prompts": prompts_digest},
-                     model_name=MODEL_NAME,
-                     train_fn=lambda run: train(run, config, pretrained, reward, prompts, prompts_digest),
-                     lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs)
+    return distributed.execute(
+        "ppo", config, inputs={"pretrained": pretrained.digest, "reward": reward.digest, "prompts": prompts_digest},
+        model_name=MODEL_NAME, lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs,
+        train_fn=partial(train, config=config, pretrained=pretrained, reward=reward, prompts=prompts,
+                         prompts_digest=prompts_digest))

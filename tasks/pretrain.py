@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from models.palm import PaLM
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
-from tasks import tracking
+from tasks import distributed, tracking
 from tasks.config import PretrainConfig
 from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
 from tasks.progress import progress_bar
@@ -63,16 +64,18 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
     train_tokens, heldout = split_tokens(corpus.tokens, config.heldout_fraction)
     torch.manual_seed(config.seed)  # the initial weights
     model = build_model(config).to(run.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)
-    data_rng = torch.Generator().manual_seed(config.seed)
-    start = 0
+    data_rng = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
+    start, ckpt = 0, None
     if run.resume_from is not None:
         ckpt = load_checkpoint(run.resume_from.uri)
         model.load_state_dict(ckpt.weights)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
         restore_rng(ckpt.state["rng"], {"data": data_rng})
         start = ckpt.ref.step
+    trained = distributed.data_parallel(model, config.runtime)  # DDP or FSDP across ranks; `model` in one process
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)
+    if ckpt is not None:
+        distributed.load_optimizer_state(model, optimizer, ckpt.state["optimizer"])
 
     model_config = asdict(model.config)
     data = {"corpus": corpus.digest}
@@ -84,11 +87,12 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
         for step in range(start, config.steps):
             lr = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps)
             set_lr(optimizer, lr)
-            batch = sample_windows(train_tokens, config.batch_size, config.seq_len, data_rng).to(run.device)
+            batch = distributed.shard(sample_windows(train_tokens, config.batch_size, config.seq_len, data_rng))
+            batch = batch.to(run.device)
             done = step + 1
             try:  # a non-finite number stops the stage before it is logged or checkpointed
-                stats = train_step(lambda: model(batch, return_loss=True), list(model.parameters()), optimizer,
-                                   device=run.device, amp_dtype=run.amp_dtype)
+                stats = train_step(distributed.global_loss(lambda: trained(batch, return_loss=True)),
+                                   list(model.parameters()), optimizer, device=run.device, amp_dtype=run.amp_dtype)
                 metrics = {"loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
                            "tokens_per_s": clock.rate(tokens_per_step)}
                 if done % config.eval_every == 0 or done == config.steps:
@@ -102,16 +106,22 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
             show(done, loss=stats["loss"])
             if done % config.checkpoint_every == 0 or done == config.steps:
                 run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
-                ref = save_checkpoint(
-                    run.prefix, done, model.state_dict(), kind="palm", model_config=model_config,
-                    stage_config=config.model_dump(mode="json"), data=data,
-                    extra={**extra, "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
-                    state={"optimizer": optimizer.state_dict(), "rng": capture_rng({"data": data_rng})})
+                weights, optimizer_state = distributed.full_state(model, optimizer)
+                if distributed.is_main():
+                    ref = save_checkpoint(
+                        run.prefix, done, weights, kind="palm", model_config=model_config,
+                        stage_config=config.model_dump(mode="json"), data=data,
+                        extra={**extra, "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
+                        state={"optimizer": optimizer_state, "rng": capture_rng({"data": data_rng})})
+                distributed.barrier()
     run.metrics.flush()
+    sampler, sample_device = distributed.plain_copy(model, partial(build_model, config))
+    if not distributed.is_main():  # rank 0 reports; the stage returns its result
+        return ref, {}
     if not metrics:  # resumed at the final step: nothing left to train
         metrics = load_checkpoint(ref.uri, load_state=False).manifest.get("metrics", {})
     log_curves(run, ["loss", "val_loss"], "pretraining loss", "plots/loss.png")
-    log_samples(run.run_id, model, device=run.device, max_new_tokens=config.seq_len // 2, seed=config.seed)
+    log_samples(run.run_id, sampler, device=sample_device, max_new_tokens=config.seq_len // 2, seed=config.seed)
     return ref, {k: metrics[k] for k in ("loss", "val_loss", "tokens_per_s") if k in metrics}
 
 
@@ -125,6 +135,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None) ->
         tracking.log_text_dataset(run_id, name="corpus", source_uri=corpus.uri, digest=corpus.digest,
                                   context="training", preview=None)
 
-    return execute("pretrain", config, inputs={"corpus": corpus.digest}, model_name=MODEL_NAME,
-                   train_fn=lambda run: train(run, config, corpus), lineage={"data.corpus": corpus.digest},
-                   parent_run_id=parent_run_id, log_inputs=log_inputs)
+    return distributed.execute("pretrain", config, inputs={"corpus": corpus.digest}, model_name=MODEL_NAME,
+                               train_fn=partial(train, config=config, corpus=corpus),
+                               lineage={"data.corpus": corpus.digest}, parent_run_id=parent_run_id,
+                               log_inputs=log_inputs)

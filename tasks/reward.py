@@ -9,12 +9,14 @@ shapes (for ratings, over pairs derived from the held-out ratings), plus the rat
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import pandas as pd
 import torch
 
+from models.palm import PaLM
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
-from tasks import tracking
+from tasks import distributed, tracking
 from tasks.config import RewardConfig
 from tasks.data import FeedbackTable, make_prompts, pairs_from_ratings, read_feedback
 from tasks.feedback import simulate_feedback
@@ -100,18 +102,21 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     torch.manual_seed(config.seed)  # the LoRA and head initialisation
     rm = build_reward_model(palm, {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r})
     rm = rm.to(run.device)
-    params = rm.finetune_parameters()
     for p in rm.palm.base_parameters():
         p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    data_rng = torch.Generator().manual_seed(config.seed)
-    start = 0
+    data_rng = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
+    start, ckpt = 0, None
     if run.resume_from is not None:
         ckpt = load_checkpoint(run.resume_from.uri)
         rm.load_state_dict(ckpt.weights)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
         restore_rng(ckpt.state["rng"], {"data": data_rng})
         start = ckpt.ref.step
+    # DDP or FSDP across ranks; in one process, _batch_loss(rm, ...) itself
+    batch_loss = distributed.data_parallel(distributed.LossModule(rm, _batch_loss), config.runtime)
+    params = rm.finetune_parameters()  # after FSDP, which replaces the parameters it shards
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if ckpt is not None:
+        distributed.load_optimizer_state(rm, optimizer, ckpt.state["optimizer"])
 
     model_config = {"palm": pretrained.palm_config, "num_binned_output": config.num_binned_output,
                     "lora_r": config.lora_r}
@@ -120,13 +125,13 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
         for step in range(start, config.steps):
             lr = lr_at(step, lr=config.lr, warmup_steps=min(20, config.steps // 10), total_steps=config.steps)
             set_lr(optimizer, lr)
-            idx = torch.randint(0, len(train_rows), (config.batch_size,), generator=data_rng)
+            idx = distributed.shard(torch.randint(0, len(train_rows), (config.batch_size,), generator=data_rng))
             rows = train_rows.iloc[idx.tolist()]
             done, last = step + 1, step + 1 == config.steps
             try:  # a non-finite number stops the stage before it is logged or checkpointed
-                stats = train_step(lambda: _batch_loss(rm, rows, table.kind, config.num_binned_output, context,
-                                                       run.device),
-                                   params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
+                stats = train_step(distributed.global_loss(
+                    lambda: batch_loss(rows, table.kind, config.num_binned_output, context, run.device)),
+                    params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
                 metrics = {"loss": stats["loss"], "lr": lr, "examples_per_s": clock.rate(config.batch_size)}
                 if "accuracy" in stats:
                     metrics["train_pair_accuracy"] = stats["accuracy"]
@@ -148,16 +153,22 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
             show(done, loss=stats["loss"], **{k: v for k, v in metrics.items() if k.startswith("heldout_pair")})
             if done % config.checkpoint_every == 0 or last:
                 run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
-                ref = save_checkpoint(run.prefix, done, rm.state_dict(), kind="reward", model_config=model_config,
-                                      stage_config=config.model_dump(mode="json"),
-                                      parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
-                                      data={"feedback": table.digest}, extra=extra,
-                                      state={"optimizer": optimizer.state_dict(),
-                                             "rng": capture_rng({"data": data_rng})})
+                weights, optimizer_state = distributed.full_state(rm, optimizer)
+                if distributed.is_main():
+                    ref = save_checkpoint(run.prefix, done, weights, kind="reward", model_config=model_config,
+                                          stage_config=config.model_dump(mode="json"),
+                                          parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
+                                          data={"feedback": table.digest}, extra=extra,
+                                          state={"optimizer": optimizer_state, "rng": capture_rng({"data": data_rng})})
+                distributed.barrier()
     run.metrics.flush()
+    scorer, score_device = distributed.plain_copy(
+        rm, lambda: build_reward_model(PaLM.from_config(pretrained.palm_config), model_config))
+    if not distributed.is_main():  # rank 0 reports; the stage returns its result
+        return ref, {}
     final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
     log_curves(run, ["loss", "heldout_pair_accuracy"], "reward model", "plots/reward.png")
-    log_scored_examples(run.run_id, rm, heldout.head(16), table.kind, context, run.device)
+    log_scored_examples(run.run_id, scorer, heldout.head(16), table.kind, context, score_device)
     return ref, {k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"}
 
 
@@ -226,6 +237,7 @@ def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str 
             tracking.log_params(run_id, {"feedback.simulated_mean_rating": round(simulated["mean_rating"], 4)})
 
     lineage = {"parent.pretrained": pretrained.ref, "data.feedback": table.digest}
-    return execute("reward", config, inputs={"pretrained": pretrained.digest, "feedback": table.digest},
-                   model_name=MODEL_NAME, train_fn=lambda run: train(run, config, pretrained, table, feedback_uri),
-                   lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs)
+    return distributed.execute("reward", config, inputs={"pretrained": pretrained.digest, "feedback": table.digest},
+                               model_name=MODEL_NAME, lineage=lineage, parent_run_id=parent_run_id,
+                               train_fn=partial(train, config=config, pretrained=pretrained, table=table,
+                                                feedback_uri=feedback_uri), log_inputs=log_inputs)
