@@ -21,7 +21,7 @@ from tasks.data import read_prompts, text_digest
 from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
 from tasks.progress import progress_bar
 from tasks.samples import log_samples
-from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
+from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_prompts
 

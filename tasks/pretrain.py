@@ -15,7 +15,7 @@ from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_co
 from tasks.progress import progress_bar
 from tasks.samples import log_samples
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
+from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 
 MODEL_NAME = "palm-pretrained"

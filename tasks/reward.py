@@ -24,7 +24,7 @@ from tasks.inputs import ModelInput, build_reward_model, load_palm, resolve_inpu
 from tasks.labeler import load_labeler
 from tasks.progress import progress_bar
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, execute, log_curves, resolve_runtime
+from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_dialogues
 
