@@ -22,11 +22,11 @@ from tasks.store import latest_checkpoint, list_checkpoints
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).parents[2]
-# Enough steps that a kill lands mid-run; a checkpoint every few steps. Adaptive KL so the controller state matters.
-SETTINGS = ["pretrain.steps=40", "pretrain.checkpoint_every=8", "pretrain.eval_every=8",
+# Steps enough that a kill lands mid-run even on a fast machine; a checkpoint every few steps. Adaptive KL so the controller state matters.
+SETTINGS = ["pretrain.steps=64", "pretrain.checkpoint_every=8", "pretrain.eval_every=8",
             "reward.steps=24", "reward.checkpoint_every=6",
             "ppo.steps=12", "ppo.checkpoint_every=3", "ppo.adaptive_kl=true", "ppo.kl_target=0.01"]
-STEPS = {"pretrain": 40, "reward": 24, "ppo": 12}
+STEPS = {"pretrain": 64, "reward": 24, "ppo": 12}
 EVERY = {"pretrain": 8, "reward": 6, "ppo": 3}
 
 # Runs the named stages in order, each fed the checkpoints of the ones before it (or the URIs given), and prints
@@ -51,7 +51,8 @@ for stage in stages:
 
 
 def stage_env(home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PALM_RLHF_STORE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PALM_RLHF_STORE", "PALM_RLHF_EXPERIMENT")}
     # One thread per process: two stages run side by side on two cores, and every run uses the same kernels.
     return {**env, "PALM_RLHF_HOME": str(home), "PALM_RLHF_PROGRESS": "0", "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
