@@ -22,7 +22,8 @@ from tasks.store import latest_checkpoint, list_checkpoints
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).parents[2]
-# Steps enough that a kill lands mid-run even on a fast machine; a checkpoint every few steps. Adaptive KL so the controller state matters.
+# Steps enough that a kill lands mid-run even on a fast machine, a checkpoint every few steps, and an adaptive KL
+# coefficient so that the PPO controller's state matters.
 SETTINGS = ["pretrain.steps=64", "pretrain.checkpoint_every=8", "pretrain.eval_every=8",
             "reward.steps=24", "reward.checkpoint_every=6",
             "ppo.steps=12", "ppo.checkpoint_every=3", "ppo.adaptive_kl=true", "ppo.kl_target=0.01"]
