@@ -130,6 +130,7 @@ def registered_version(model_name: str, key: str) -> str | None:
 def stage_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | None, steps: int):
     """Open (or reopen, when resuming) the stage's MLflow run; mark it FAILED if the body raises."""
     prefix = stage_prefix(stage, key)
+    device, amp = resolve_runtime(getattr(config, "runtime", Runtime()))  # a bad device fails before any run opens
     flow_run = prefect_flow_run_id()
     run_id = tracking.find_run({RUN_KEY_TAG: key, STAGE_TAG: stage})
     if run_id is None:
@@ -143,7 +144,6 @@ def stage_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | N
         if flow_run:
             tracking.get_client().set_tag(run_id, FLOW_RUN_TAG, flow_run)
     tracking.log_params(run_id, config.model_dump(mode="json"))
-    device, amp = resolve_runtime(getattr(config, "runtime", Runtime()))
     run = StageRun(stage, key, prefix, run_id, device, amp, tracking.MetricLogger(run_id),
                    resume_from=latest_checkpoint(prefix))
     try:
