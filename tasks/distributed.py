@@ -357,15 +357,15 @@ class LossModule(nn.Module):
 
 
 def data_parallel(module: nn.Module, runtime: Runtime) -> nn.Module:
-    """What to call for the loss: `module` in one process; DDP around it; or, with fsdp, `module` itself with every
-    PaLM inside it sharded in place (each block, then the PaLM) and any other trainable weight averaged by hooks."""
+    """What to call for the loss: `module` in one process; DDP around it; or, with fsdp, `module` itself sharded in
+    place: each block of every PaLM inside it, then the PaLM, then `module` for the weights around it (a reward head).
+    Calls that do not go through its forward (evaluation) need `gathered(module)` under FSDP."""
     if not active():
         return module
     if runtime.strategy == "ddp":
         device = next(module.parameters()).device
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     from models.palm import PaLM
 
@@ -373,10 +373,25 @@ def data_parallel(module: nn.Module, runtime: Runtime) -> nn.Module:
         for block in palm.layers:
             fully_shard(block)
         fully_shard(palm)
-    rest = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
-    if rest:
-        module._gradient_averager = GradientAverager(rest)  # kept alive with the module
+    if not isinstance(module, PaLM):
+        fully_shard(module)
     return module
+
+
+@contextmanager
+def gathered(module: nn.Module):
+    """The weights FSDP keeps at `module`'s own level whole for the block (the PaLMs inside gather theirs in their
+    forward): for calls that bypass its forward, such as evaluation. Every rank must make the same calls."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def _sharded(module: nn.Module) -> bool:

@@ -136,11 +136,13 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
                 if "accuracy" in stats:
                     metrics["train_pair_accuracy"] = stats["accuracy"]
                 if done % config.checkpoint_every == 0 or last:
-                    metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
+                    with distributed.gathered(batch_loss):  # every rank evaluates: FSDP gathers collectively
+                        metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
                     extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
                              "metrics": {k: v for k, v in metrics.items() if k != "examples_per_s"}}
                 if last:
-                    scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
+                    with distributed.gathered(batch_loss):
+                        scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
                     extra["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
                     finite_or_raise("the mean reward-model score", extra["score_norm"]["mean"])
                 for name in ("loss", "heldout_rating_rmse"):  # pair accuracy is NaN when no held-out pair exists
