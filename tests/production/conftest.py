@@ -24,6 +24,9 @@ from tests.servers import PrefectServer, prefect_api, run_env
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {"pretrain": "palm-pretrained", "reward": "palm-reward", "ppo": "palm-policy"}
 STAGES = ("pretrain", "reward", "ppo", "eval")
+# `tiny` in fewer steps, still two checkpoints per stage: for the runs beyond the first, which only need to be whole.
+SHORT = ["pretrain.steps=6", "pretrain.checkpoint_every=3", "pretrain.eval_every=3", "reward.steps=4",
+         "reward.checkpoint_every=2", "ppo.steps=2", "ppo.checkpoint_every=1", "eval.n_values=[1,4]"]
 
 
 @dataclass

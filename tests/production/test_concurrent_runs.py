@@ -13,14 +13,11 @@ import pytest
 from tasks import tracking
 from tasks.lineage import lineage
 from tasks.store import read_manifest, verify_checkpoint
-from tests.production.conftest import MODELS, STAGES, read_summary, stage_checkpoints
+from tests.production.conftest import MODELS, SHORT, STAGES, read_summary, stage_checkpoints
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(900)]
 
 SEEDS = {"a": 21, "b": 22, "b-again": 22}
-# Two checkpoints per stage in fewer steps than `tiny`: three pipelines share two cores here.
-SHORT = ["pretrain.steps=6", "pretrain.checkpoint_every=3", "pretrain.eval_every=3", "reward.steps=4",
-         "reward.checkpoint_every=2", "ppo.steps=2", "ppo.checkpoint_every=1", "eval.n_values=[1,4]"]
 
 
 @pytest.fixture(scope="module")

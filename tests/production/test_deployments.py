@@ -13,13 +13,12 @@ import pytest
 from tasks import tracking
 from tasks.config import tiny
 from tasks.redact import redact
-from tests.production.conftest import MODELS, REPO, STAGES, wait_for
+from tests.production.conftest import MODELS, REPO, SHORT, STAGES, wait_for
 from tests.servers import BIN, start_worker
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(900)]
 
 POOL = "palm-rlhf"  # prefect.yaml's work pool
-PIPELINE = "palm-rlhf-pipeline/palm-rlhf-nightly"
 DEPLOYMENTS = {"palm-rlhf-nightly": "flows/pipeline.py:pipeline", "palm-rlhf-pretrain": "flows/stages.py:pretrain_flow",
                "palm-rlhf-reward": "flows/stages.py:reward_flow", "palm-rlhf-ppo": "flows/stages.py:ppo_flow",
                "palm-rlhf-eval": "flows/stages.py:eval_flow"}
@@ -40,6 +39,11 @@ def runs_of(client, deployment_id, *states: str) -> list:
     state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states))) if states else None
     return client.read_flow_runs(flow_run_filter=FlowRunFilter(
         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]), state=state))
+
+
+def finished(client, flow_run_id):
+    run = client.read_flow_run(flow_run_id)
+    return run if run.state.is_final() else None
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,7 @@ def scheduled_run(deployed, worker, production):
     from prefect.client.schemas.schedules import IntervalSchedule
 
     nightly = deployed["palm-rlhf-nightly"]
-    parameters = {"preset": "tiny", "overrides": ["pretrain.seed=31"]}  # its own models, not the CLI test's
+    parameters = {"preset": "tiny", "overrides": [*SHORT, "pretrain.seed=31"]}  # models of its own
     first = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=15)
     with production.api(), prefect_client() as client:
         [schedule] = client.create_deployment_schedules(nightly.id, [DeploymentScheduleCreate(
@@ -113,8 +117,8 @@ def scheduled_run(deployed, worker, production):
             detail=worker.process.log_tail)
         client.update_deployment_schedule(nightly.id, schedule.id, active=False)  # one run is enough
         [run] = picked
-        run = wait_for("final state of the scheduled run", lambda: (r := client.read_flow_run(run.id)).state.is_final()
-                       and r, 600, detail=worker.process.log_tail, every_s=2)
+        run = wait_for("final state of the scheduled run", lambda: finished(client, run.id), 600,
+                       detail=worker.process.log_tail, every_s=2)
     assert run.state.is_completed(), f"{run.state}\n{worker.process.log_tail(80)}"
     return run, parameters
 
