@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,11 +58,14 @@ def start(home: Path, stages: str, settings: list[str], *inputs: str) -> subproc
                             cwd=home.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(home: Path, stages: str, settings: list[str], *inputs: str) -> list[dict]:
-    process = start(home, stages, settings, *inputs)
+def results(process: subprocess.Popen) -> list[dict]:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     return [json.loads(line) for line in out.strip().splitlines()]
+
+
+def run(home: Path, stages: str, settings: list[str], *inputs: str) -> list[dict]:
+    return results(start(home, stages, settings, *inputs))
 
 
 def weights(result: dict) -> dict[str, torch.Tensor]:
@@ -103,6 +107,28 @@ def test_two_processes_follow_the_one_process_trajectory(stage, one, two):
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_machines_train_one_stage(tmp_path_factory, one):
+    """Two machines on loopback (node_rank 0 and 1, one process each, one store and tracking database between them):
+    node 0 owns the MLflow run and the registry, node 1 returns the same checkpoint, and the weights are one run's."""
+    home = tmp_path_factory.mktemp("nodes") / "home"
+    home.mkdir()
+    # Machines would share a tracking server; two processes creating one SQLite schema at once would collide.
+    MlflowClient(f"sqlite:///{home / 'mlflow.db'}").search_experiments()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = PRETRAIN + ["pretrain.nnodes=2", f"pretrain.rdzv_endpoint=127.0.0.1:{port}"]
+    node0 = start(home, "pretrain", nodes + ["pretrain.node_rank=0"])
+    node1 = start(home, "pretrain", nodes + ["pretrain.node_rank=1"])
+    (first,), (second,) = results(node0), results(node1)
+    assert (second["checkpoint_uri"], second["digest"]) == (first["checkpoint_uri"], first["digest"])
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert first["model_version"] is not None and second["model_version"] is None
+    reference = weights(one["pretrain"])
+    for name, tensor in weights(first).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def rank_pid(stage_pid: int, local_rank: int) -> int | None:
