@@ -133,6 +133,7 @@ class _Plan:
     resume_from: CheckpointRef | None
     runtime: Runtime
     error_dir: str = ""
+    launcher_pid: int = 0
 
 
 def launch(plan: _Plan, train_fn) -> dict:
@@ -151,7 +152,8 @@ def launch(plan: _Plan, train_fn) -> dict:
             monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=os.path.join(tmp, "logs")))
         try:
             with _caller_signal_handlers():
-                results = elastic_launch(config, _worker)(replace(plan, error_dir=tmp), train_fn)
+                results = elastic_launch(config, _worker)(replace(plan, error_dir=tmp, launcher_pid=os.getpid()),
+                                                          train_fn)
         except ChildFailedError as err:
             raise _stage_error(err, tmp, rt.world_size) from None
         except SignalException as err:
@@ -196,13 +198,13 @@ class _Unlogged:
         for key, value in metrics.items():
             self.history.setdefault(key, []).append((step, float(value)))
 
-    def flush(self) -> None:
+    def flush(self, strict: bool = False) -> None:
         pass
 
 
 def _worker(plan: _Plan, train_fn) -> dict:
     """One rank: join the process group, take node 0's run and resume point, train, hand back rank 0's result."""
-    _die_with_parent()
+    _die_with_parent(plan.launcher_pid)
     global_rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     try:
         device, amp = _worker_device(plan.runtime, local_rank)
@@ -240,14 +242,14 @@ def _from_rank0(*values):
     return box
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(launcher_pid: int) -> None:
     """Without this a worker outlives a SIGKILLed stage process and goes on training and writing checkpoints."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except OSError:
             return
-        if os.getppid() == 1:  # the launcher was already gone
+        if os.getppid() != launcher_pid:  # it was gone before the line above (pid 1 may be it, in a container)
             os._exit(1)
 
 
