@@ -98,16 +98,16 @@ class PretrainConfig(_Config):
 class RewardConfig(_Config):
     feedback: str | None = None  # a feedback table URL; None: simulate it with `labeler` on the pretrained policy
     labeler: str = "builtin:real-words"  # or "package.module:attr"
-    num_prompts: PositiveInt = 256  # simulated feedback: prompts x samples_per_prompt rated responses
+    num_prompts: PositiveInt = 768  # simulated feedback: prompts x samples_per_prompt rated responses
     samples_per_prompt: PositiveInt = 4
     prompt_chars: PositiveInt = 32
-    response_tokens: PositiveInt = 48
+    response_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
-    pair_margin: float = Field(1.0, gt=0)  # stars between chosen and rejected when deriving pairs from ratings
+    pair_margin: float = Field(1.5, gt=0)  # stars between chosen and rejected: a clear preference
     num_binned_output: int = Field(0, ge=0)  # ratings: 0 = scalar head (MSE), >= 2 bins (cross-entropy)
     lora_r: PositiveInt = 16
-    steps: PositiveInt = 300
-    batch_size: PositiveInt = 16
+    steps: PositiveInt = 400
+    batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
     checkpoint_every: PositiveInt = 100
@@ -126,13 +126,13 @@ class PPOConfig(_Config):
     prompts: str | None = None  # a prompt file URL; None: training prompts cut from the corpus
     num_prompts: PositiveInt = 512
     prompt_chars: PositiveInt = 32
-    max_new_tokens: PositiveInt = 48
+    max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     steps: PositiveInt = 60  # PPO iterations: one batch of rollouts and its update each
     rollout_batch: PositiveInt = 32
     minibatch_size: PositiveInt = 16
     ppo_epochs: PositiveInt = 2
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.1, ge=0)
     adaptive_kl: bool = False
     kl_target: PositiveFloat = 6.0
     kl_horizon: PositiveInt = 10000
@@ -165,7 +165,7 @@ class EvalConfig(_Config):
     labeler: str = "builtin:real-words"  # the oracle
     num_prompts: PositiveInt = 64
     prompt_chars: PositiveInt = 32
-    max_new_tokens: PositiveInt = 48
+    max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     n_values: list[PositiveInt] = [1, 4, 16]
     num_examples: PositiveInt = 8  # sample generations logged for people to read
