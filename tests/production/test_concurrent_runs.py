@@ -2,8 +2,9 @@
 
 Runs that differ (here: the pretraining seed) have different run keys, so every stage writes under its own prefix and
 registers its own versions. Identical runs share a run key by design (same config and inputs, same checkpoint
-prefix): they write the same bytes at the same steps, so whichever comes second reuses what the first wrote, and both
-report one set of checkpoints and one model version per stage.
+prefix): they make the same model at the same steps, so whichever writes a step second gets the checkpoint the first
+wrote (the store compares weights, configs and lineage; the saved Python RNG may differ), registration keeps one
+version per run key, and both report one set of checkpoints and models.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from tasks import tracking
 from tasks.lineage import lineage
+from tasks.redact import redact
 from tasks.store import read_manifest, verify_checkpoint
 from tests.production.conftest import MODELS, SHORT, STAGES, read_summary, stage_checkpoints
 
@@ -29,10 +31,15 @@ def together(production):
         started[name] = production.start_cli("run", "--preset", "tiny", *settings,
                                              "--summary", str(production.tmp / f"{name}.json"),
                                              log=production.tmp / f"{name}.log")
-    codes = {name: process.wait(timeout=800) for name, process in started.items()}
+    try:
+        codes = {name: process.wait(timeout=800) for name, process in started.items()}
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
     for name, code in codes.items():
         log = (production.tmp / f"{name}.log").read_text(errors="replace")
-        assert code == 0, f"pipeline {name} exited with {code}:\n{log[-3000:]}"
+        assert code == 0, redact(f"pipeline {name} exited with {code}:\n{log[-3000:]}")
     return {name: read_summary(production.tmp / f"{name}.json") for name in SEEDS}
 
 
