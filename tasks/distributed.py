@@ -143,6 +143,8 @@ def launch(plan: _Plan, train_fn) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     rt = plan.runtime
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # what this process cached (simulated feedback) would crowd rank 0's GPU
     with tempfile.TemporaryDirectory(prefix="palm-rlhf-ranks-") as tmp:
         config = LaunchConfig(
             min_nodes=rt.nnodes, max_nodes=rt.nnodes, nproc_per_node=rt.nproc_per_node, run_id=plan.run_key,
@@ -366,7 +368,9 @@ def data_parallel(module: nn.Module, runtime: Runtime) -> nn.Module:
         return module
     if runtime.strategy == "ddp":
         device = next(module.parameters()).device
-        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # The only buffers (rotary frequencies) never change: nothing to send before each forward.
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   forward_sync_buffers=False)
     from torch.distributed.fsdp import fully_shard
 
     from models.palm import PaLM
