@@ -21,6 +21,7 @@ import io
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -109,17 +110,17 @@ def training_case(kind: str, batch: int, seq: int, steps: int) -> Callable[[], f
 
 
 # ---- (b) generation ----------------------------------------------------------------------------------------------
-def generation_case(kind: str, batch: int) -> Callable[[], float]:
+def generation_case(kind: str, batch: int, new_tokens: int = NEW_TOKENS) -> Callable[[], float]:
     model = build(kind).eval()
     prompt = torch.randint(1, CONFIG["num_tokens"], (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
-    seq_len = PROMPT_LEN + NEW_TOKENS
+    seq_len = PROMPT_LEN + new_tokens
 
     def run() -> float:
         # both with their defaults: top-k filter_thres 0.9, temperature 1; ours uses its KV cache, the reference has none
         start = time.perf_counter()
         out = model.generate(seq_len, prompt=prompt)
         elapsed = time.perf_counter() - start
-        assert out.shape == (batch, NEW_TOKENS), out.shape
+        assert out.shape == (batch, new_tokens), out.shape
         return elapsed
     return run
 
@@ -185,7 +186,7 @@ def measure_ref_memory(vocab: int, total_len: int) -> tuple[int, int]:
     trainer = ref_trainer(num_tokens=vocab, dim=64, depth=1)
     captured = []
     trainer.learn = captured.extend  # keep the rollout's Memory instead of training on it
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.train(num_episodes=1, max_timesteps=1, update_timesteps=1, max_batch_size=1, max_seq_len=total_len)
     (memory,) = captured
     return sum(t.element_size() * t.nelement() for t in memory), retained_bytes(memory)
@@ -233,7 +234,8 @@ def machine() -> str:
         model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"nice {os.nice(0)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --train-steps must be at least 1")
 
     torch.set_num_threads(THREADS)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows as it happens when piped to a file
     print(f"machine: {machine()}")
     print(f"config (both sides): {CONFIG}")
     load_before = os.getloadavg()
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(dict(key=key, label=label, times=times, units=units, target=target,
                          rate={k: units / median(v) for k, v in times.items()}))
         ours_runs[key] = cases["ours"]
+        print(f"{key}: seconds per run, ours {[round(x, 2) for x in times['ours']]}, "
+              f"reference {[round(x, 2) for x in times['ref']]}")
 
     # (a) training: tokens are batch x positions predicted, per timed run of train_steps steps
     batch, seq = 4, 256
@@ -268,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     for b, target in ((1, 10.0), (16, None)):
         measure(f"generation b{b}", f"generation tokens/s, batch {b} (16 -> +128)",
                 {k: generation_case(k, b) for k in ("ours", "ref")}, b * NEW_TOKENS, target, warmup=b == 1)
+    # not a target: how the cache's advantage grows with the context the reference recomputes at every token
+    long = 512 - PROMPT_LEN
+    measure("generation b1 long", f"generation tokens/s, batch 1 (16 -> +{long})",
+            {k: generation_case(k, 1, long) for k in ("ours", "ref")}, long, None, warmup=False)
     # (c) PPO: 16 rollouts of 16 -> +128 tokens, then one learning pass
     with contextlib.redirect_stderr(io.StringIO()):  # accelerate's episode bar ignores TQDM_DISABLE
         measure("ppo", "PPO runs/s (16 rollouts + 1 update, 1 epoch)", {k: ppo_case(k) for k in ("ours", "ref")},
@@ -304,17 +313,19 @@ def print_memory(vocab: int = 20000, total: int = 512, small: int = 128) -> None
 def print_table(rows, peak, load_before, load_after) -> None:
     print(f"\nmedians of {len(rows[0]['times']['ours'])} timed runs, [min..max] beside them; load average "
           f"(1, 5, 15 min) before {fmt_load(load_before)}, after {fmt_load(load_after)}\n")
-    print("| benchmark | ours | reference | ours / ref | target | met |")
-    print("|---|---:|---:|---:|---:|:---:|")
+    print("| benchmark | ours | reference | ours / ref | best / best | target | met |")
+    print("|---|---:|---:|---:|---:|---:|:---:|")
     for r in rows:
         ratio = r["rate"]["ours"] / r["rate"]["ref"]
+        # under load, noise only ever adds time: the fastest runs are the closest to an idle machine
+        best = min(r["times"]["ref"]) / min(r["times"]["ours"])
         met = "" if r["target"] is None else ("yes" if ratio >= r["target"] else "NO")
         target = "" if r["target"] is None else f">= {r['target']:g}x"
         cells = [f"{num(r['rate'][k])} [{spread(r['times'][k], r['units'])}]" for k in ("ours", "ref")]
-        print(f"| {r['label']} | {cells[0]} | {cells[1]} | {ratio:,.1f}x | {target} | {met} |")
+        print(f"| {r['label']} | {cells[0]} | {cells[1]} | {ratio:,.1f}x | {best:,.1f}x | {target} | {met} |")
     flops = train_flops_per_token(CONFIG, 256)
     share = {k: rows[0]["rate"][k] * flops / peak for k in ("ours", "ref")}
-    print(f"| training model FLOP/s as a share of the matmul peak | {share['ours']:.1%} | {share['ref']:.1%} | | | |")
+    print(f"| training model FLOP/s as a share of the matmul peak | {share['ours']:.1%} | {share['ref']:.1%} | | | | |")
     print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per training token 6N + 12 L H Q T = "
           f"{flops / 1e6:.2f} MFLOP (N = {CONFIG['depth']} blocks' matmul weights + tied output projection, "
           f"H Q = heads x dim_head, T = 256)")
