@@ -100,14 +100,22 @@ class ParallelBlock(nn.Module):
             dq, dk, dv = lora["qkv"](h).split(self.fused_dims[:3], dim=-1)
             q, k, v = q + dq, k + dk, v + dv
 
-        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-        q = apply_rotary(q, cos[:, None], sin[:, None])
+        b, n, _ = q.shape
         k = apply_rotary(k, cos, sin)  # (b, n, d): one head for all queries
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (b, N, d)
-        k, v = (rearrange(t, "b N d -> b 1 N d").expand(-1, self.heads, -1, -1) for t in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        out = rearrange(out, "b h n d -> b n (h d)")
+        k, v = k[:, None], v[:, None]  # (b, 1, N, d)
+        if n == 1:
+            # one new position (decoding): the heads become query rows against the single key/value head,
+            # one small attention with no copies of k and v
+            q = apply_rotary(q.view(b, 1, self.heads, self.dim_head), cos[:, None], sin[:, None])  # (b, 1, h, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).reshape(b, 1, -1)
+        else:
+            q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
+            q = apply_rotary(q, cos[:, None], sin[:, None])
+            k, v = (t.expand(-1, self.heads, -1, -1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            out = rearrange(out, "b h n d -> b n (h d)")
 
         attn = self.attn_out(out)
         if lora is not None:
@@ -240,7 +248,8 @@ class PaLM(nn.Module):
             token = torch.where(alive, token, torch.full_like(token, pad_value))
             new_tokens.append(token)
             new_mask.append(alive)
-            tokens = torch.cat((tokens, token[:, None]), dim=-1)
+            if not use_cache:
+                tokens = torch.cat((tokens, token[:, None]), dim=-1)
             mask = torch.cat((mask, alive[:, None]), dim=-1)
             if eos_token is not None:
                 done = done | (token == eos_token)
