@@ -14,7 +14,7 @@ from tasks import tracking
 from tasks.config import ConfigError
 from tasks.redact import redact_uri
 from tasks.stage import StageResult
-from tasks.store import CheckpointError, verify_checkpoint
+from tasks.store import CheckpointError, StorageError, verify_checkpoint
 
 # Errors that are the caller's to fix (bad settings, data, URIs): retrying would only repeat them.
 PERMANENT = (ValueError, TypeError, KeyError, FloatingPointError, ConfigError)
@@ -29,8 +29,10 @@ def retry_unless_permanent(task, task_run, state) -> bool:
         return True
     except tracking.TrackingError:  # no such model or alias, a deleted experiment, a changed config
         return False
-    except CheckpointError as err:  # a damaged checkpoint stays damaged; an unreachable store may come back
-        return "unreachable" in str(err) or "Error" in str(err).split("(")[-1]
+    except StorageError:  # a store that failed to answer may answer the next time
+        return True
+    except CheckpointError:  # a damaged or refused checkpoint stays so
+        return False
     except Exception:
         return True
     return False

@@ -36,6 +36,15 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def has_credentials(uri: str) -> bool:
+    """Whether a URI carries userinfo ("KEY:SECRET@", "token@") or a secret-looking query parameter.
+
+    Stricter than a look at ``urlsplit(uri).netloc``: a secret holding "/" ends the netloc early
+    ("s3://KEY:abc/def@bucket" parses as host "KEY:abc"), and the rest would pass for a path.
+    """
+    return "://" in uri and bool(_USERINFO.search(uri) or _SECRET_QUERY.search(uri))
+
+
 def environment_secrets() -> list[str]:
     """Values of secret-looking environment variables (AWS keys, tokens), to scrub from free text."""
     return [

@@ -4,16 +4,23 @@ A stage's run key is a digest of its config (without runtime settings such as th
 Its checkpoints live under `<store>/<stage>/<run key>/`, so:
 - the same stage with the same config and inputs finds its own final checkpoint and is reused (`cached: true`);
 - the same command after a crash finds its last complete checkpoint and resumes from it;
-- a different config or input writes under a different prefix and never touches another run's checkpoints.
+- a different config or input writes under a different prefix and never touches another run's checkpoints;
+- two processes given the same run key at once (a stage rerun racing the pipeline) do not both train: one holds the
+  run key's lease (`RunLease`), the other waits for it and then reuses its result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
+import socket
 import subprocess
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,7 +32,16 @@ from pydantic import BaseModel
 from tasks import tracking
 from tasks.config import Runtime
 from tasks.redact import redact, redact_uri
-from tasks.store import CheckpointRef, join_uri, latest_checkpoint, read_manifest, store_root
+from tasks.store import (CheckpointError, CheckpointRef, StorageError, create_file, join_uri, latest_checkpoint,
+                         read_file, read_manifest, remove_file, replace_file, store_root)
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "_lease.json"
+LEASE_TTL_S = 60.0  # a holder that stops renewing for this long is presumed dead
+LEASE_RENEW_S = 10.0
+LEASE_POLL_S = 1.0
+_HELD: set[str] = set()  # owners of the leases this process holds now (a failed release leaves a file behind)
 
 RUN_KEY_TAG = "palm_rlhf.run_key"
 STAGE_TAG = "palm_rlhf.stage"
@@ -116,11 +132,20 @@ def prefect_flow_run_id() -> str | None:
         return None
 
 
-def registered_version(model_name: str, key: str) -> str | None:
-    """The version already registered for this run key (a cached or re-registered stage), if any."""
+def _quoted(value: str) -> str:
+    """A value inside single quotes of an MLflow search filter."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def registered_version(model_name: str, key: str, checkpoint_uri: str) -> str | None:
+    """The version already registered for this run key's checkpoint (a cached or re-registered stage), if any.
+
+    The checkpoint URI is part of the match: two stores sharing one tracking server can hold runs of one run key.
+    """
     client = tracking.get_client()
     try:
-        found = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{key}'")
+        found = client.search_model_versions(f"name = '{model_name}' and tags.`{RUN_KEY_TAG}` = '{key}' and "
+                                             f"tags.checkpoint_uri = '{_quoted(redact_uri(checkpoint_uri))}'")
     except Exception:
         return None
     return str(min(int(v.version) for v in found)) if found else None
@@ -132,7 +157,7 @@ def stage_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | N
     prefix = stage_prefix(stage, key)
     device, amp = resolve_runtime(getattr(config, "runtime", Runtime()))  # a bad device fails before any run opens
     flow_run = prefect_flow_run_id()
-    run_id = tracking.find_run({RUN_KEY_TAG: key, STAGE_TAG: stage})
+    run_id = tracking.find_run({RUN_KEY_TAG: key, STAGE_TAG: stage, "checkpoint_prefix": prefix})
     if run_id is None:
         tags = {RUN_KEY_TAG: key, STAGE_TAG: stage, "code_version": code_version(),
                 "checkpoint_prefix": prefix}
@@ -184,7 +209,7 @@ def _tracking_lost(run: StageRun, exc: BaseException) -> str:
 def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, key: str,
              lineage: dict[str, str]) -> str:
     """Register the stage's final checkpoint once per run key, with the tags that give lineage."""
-    existing = registered_version(model_name, key)
+    existing = registered_version(model_name, key, ref.uri)
     if existing is not None:
         return existing
     tags = {RUN_KEY_TAG: key, STAGE_TAG: stage_name, "code_version": code_version(), **lineage}
@@ -193,14 +218,26 @@ def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, 
         tags[FLOW_RUN_TAG] = flow_run
     version = tracking.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
                                            lineage=tags)
-    first = registered_version(model_name, key)
+    first = registered_version(model_name, key, ref.uri)
     if first is not None and int(first) < int(version):
         # An identical run started at the same time registered this checkpoint a moment earlier: keep its version,
         # so that both runs (and their lineage) name one model.
         tracking.get_client().delete_model_version(model_name, version)
         version = first
-    tracking.set_alias(model_name, CANDIDATE, version)  # the newest; `champion` moves only on an eval win
+    _point_candidate_at_newest(model_name)  # `champion` moves only on an eval win
     return version
+
+
+def _point_candidate_at_newest(model_name: str) -> None:
+    """`candidate` names the newest version. Runs registering at the same time each set it after registering, in
+    any order, so one may set it back to an older version: set it until it names the newest."""
+    client = tracking.get_client()
+    for _ in range(10):
+        newest = client.search_model_versions(f"name = '{_quoted(model_name)}'", max_results=1,
+                                              order_by=["version_number DESC"])
+        if not newest or tracking.get_alias(model_name, CANDIDATE) == str(newest[0].version):
+            return
+        tracking.set_alias(model_name, CANDIDATE, newest[0].version)
 
 
 def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> StageResult | None:
@@ -209,7 +246,7 @@ def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> S
     if ref is None:
         return None
     run_id = _finished_run(stage, key)
-    version = registered_version(model_name, key) if model_name else None
+    version = registered_version(model_name, key, ref.uri) if model_name else None
     if run_id is None or (model_name and version is None):
         return None
     manifest = read_manifest(ref.uri)
@@ -221,10 +258,97 @@ def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> S
 def _finished_run(stage: str, key: str) -> str | None:
     runs = tracking.get_client().search_runs(
         [tracking.experiment_id()],
-        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`{STAGE_TAG}` = '{stage}' "
-                      "and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`{STAGE_TAG}` = '{stage}' and "
+                      f"tags.checkpoint_prefix = '{_quoted(redact_uri(stage_prefix(stage, key)))}' and "
+                      "attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+class RunLease:
+    """One process at a time trains a run key: the others wait, then reuse its result.
+
+    Two runs of one run key (a stage rerun racing the pipeline that runs the same stage) would write the same
+    checkpoint folders and MLflow run. Bit-identical bytes would make that harmless, but a run key leaves out the
+    device and the code version, so bytes can differ. The lease is ``<prefix>/_lease.json``, created exclusively
+    (the store's atomic create); its holder renews it every LEASE_RENEW_S and removes it when done. A lease not
+    renewed for LEASE_TTL_S, or held by a process of this host that no longer exists (a SIGKILLed stage), is
+    abandoned and taken over, so a crash never blocks the rerun that resumes it.
+    """
+
+    def __init__(self, prefix: str, stage: str):
+        self.uri, self.stage = join_uri(prefix, LEASE_FILE), stage
+        self.holder = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="run-lease", daemon=True)
+
+    def __enter__(self) -> "RunLease":
+        told = False
+        while not create_file(self.uri, self._body()):
+            current = self._read()
+            if current is None:  # released between our two calls
+                continue
+            if current.get("owner") == self.holder["owner"]:  # ours: only the answer to our create was lost
+                break
+            if _abandoned(current):
+                remove_file(self.uri)
+                continue
+            if not told:
+                log.warning("stage %s: %s (pid %s) is running it with the same configuration and inputs; waiting for "
+                            "it to finish, to reuse its result", self.stage, current.get("host"), current.get("pid"))
+                told = True
+            time.sleep(LEASE_POLL_S)
+        _HELD.add(self.holder["owner"])
+        self._renewer.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        _HELD.discard(self.holder["owner"])
+        if isinstance(exc, StorageError):  # the store just failed us: the lease expires on its own, and a rerun on
+            return                         # this host takes it over at once (its holder is gone)
+        self._renewer.join()
+        try:
+            if (self._read() or {}).get("owner") == self.holder["owner"]:
+                remove_file(self.uri)
+        except CheckpointError:  # the store is away: the lease expires on its own
+            pass
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.holder, "expires_at": time.time() + LEASE_TTL_S}).encode()
+
+    def _read(self) -> dict | None:
+        raw = read_file(self.uri)
+        try:
+            return None if raw is None else json.loads(raw)
+        except ValueError:
+            return {}  # garbled: abandoned
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            try:
+                if (self._read() or {}).get("owner") != self.holder["owner"]:
+                    log.warning("stage %s: lost the run lease %s (taken over after a stall)", self.stage, self.uri)
+                    return
+                replace_file(self.uri, self._body())
+            except CheckpointError:  # a store hiccup: try again at the next renewal, well before expiry
+                continue
+
+
+def _abandoned(lease: dict) -> bool:
+    if not isinstance(lease.get("expires_at"), (int, float)) or time.time() > lease["expires_at"]:
+        return True
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    if lease["pid"] == os.getpid():  # this process: abandoned unless one of its leases still holds it
+        return lease.get("owner") not in _HELD
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
 
 
 def log_curves(run: StageRun, keys: list[str], title: str, artifact_file: str) -> None:
@@ -258,6 +382,15 @@ def execute(stage: str, config: BaseModel, *, inputs: dict[str, str | None], mod
     hit = cached_result(stage, key, config.steps, model_name)
     if hit is not None:
         return hit
+    with RunLease(stage_prefix(stage, key), stage):
+        # whoever held the lease before us may have just finished this very run
+        hit = cached_result(stage, key, config.steps, model_name)
+        if hit is not None:
+            return hit
+        return _train_and_register(stage, key, config, model_name, train_fn, lineage, parent_run_id, log_inputs)
+
+
+def _train_and_register(stage, key, config, model_name, train_fn, lineage, parent_run_id, log_inputs) -> StageResult:
     with stage_run(stage, key, config, parent_run_id=parent_run_id, steps=config.steps) as run:
         if log_inputs is not None:
             log_inputs(run.run_id)

@@ -38,7 +38,7 @@ import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.redact import redact, redact_uri
+from tasks.redact import has_credentials, redact, redact_uri
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
@@ -55,6 +55,10 @@ _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, torn, corrupt, unreachable, or cannot be written as asked."""
+
+
+class StorageError(CheckpointError):
+    """The store could not be read or written (network, outage, permissions): unlike damage, a retry may help."""
 
 
 class _NoCheckpoint(CheckpointError):
@@ -109,7 +113,7 @@ def _normalize(uri: str) -> str:
 def _filesystem(uri: str):
     """(fs, path) for a URI; refuses what fsspec would misread, before any I/O."""
     parts = urlsplit(uri)
-    if "@" in parts.netloc:
+    if has_credentials(uri):
         # s3fs would take "KEY:SECRET@bucket" for a bucket name and echo it in errors.
         raise CheckpointError(
             f"{redact_uri(uri)}: credentials inside the URI are not supported; "
@@ -138,7 +142,7 @@ def _io(uri: str, action: str) -> Iterator[None]:
         raise
     except Exception as err:  # s3fs/botocore raise many unrelated classes; the cause class is kept in the text
         # `from None`: a chained traceback would print the unscrubbed original message.
-        raise _fail(uri, f"cannot {action} ({type(err).__name__}: {redact(str(err))})") from None
+        raise _fail(uri, f"cannot {action} ({type(err).__name__}: {redact(str(err))})", StorageError) from None
 
 
 # ---------------------------------------------------------------- state <-> (json, tensors)
@@ -371,7 +375,13 @@ def save_checkpoint(
             raise _fail(uri, "already exists with different content (checkpoints are immutable; pass overwrite=True)")
         with _io(uri, f"remove the old {MANIFEST}"):
             fs.rm_file(f"{path}/{MANIFEST}")  # unpublish first: readers never see new files under the old manifest
-    _write(fs, path, uri, files, manifest)
+    if not _write(fs, path, uri, files, manifest):  # another writer published this step while we wrote
+        with _io(uri, f"read the {MANIFEST} published meanwhile"):
+            published = _parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), uri)
+        if published != manifest and not _same_model(published, manifest):
+            raise _fail(uri, "was published meanwhile by another writer with different content (checkpoints are "
+                             "immutable: two runs of one run key must not train at the same time)")
+        return _ref(uri, published)
     return ref
 
 
@@ -390,23 +400,76 @@ def _same_model(old: dict, new: dict) -> bool:
     return model(old) == model(new)
 
 
-def _write(fs, path: str, uri: str, files: dict[str, bytes], manifest: dict) -> None:
-    """Every file under the checkpoint's own prefix, then the manifest that publishes them."""
-    local = isinstance(fs, LocalFileSystem)
-    if local:  # object stores have no folders, and makedirs on s3 would create a missing bucket
+def _write(fs, path: str, uri: str, files: dict[str, bytes], manifest: dict) -> bool:
+    """Every file under the checkpoint's own prefix, then the manifest that publishes them; False when another
+    writer's manifest got there first (it is never replaced)."""
+    if isinstance(fs, LocalFileSystem):  # object stores have no folders; makedirs on s3 would create a bucket
         with _io(uri, "create the checkpoint folder"):
             fs.makedirs(path, exist_ok=True)
     for name, payload in files.items():
         with _io(uri, f"write {name}"):
             fs.pipe_file(f"{path}/{name}", payload)
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     with _io(uri, f"write {MANIFEST}"):
-        if local:  # a reader must never see half a manifest; os.replace is atomic on one filesystem
-            tmp = f"{path}/.{MANIFEST}.{uuid.uuid4().hex}"
-            fs.pipe_file(tmp, body)
-            os.replace(tmp, f"{path}/{MANIFEST}")
-        else:  # one PUT: atomic on S3
-            fs.pipe_file(f"{path}/{MANIFEST}", body)
+        return _create(fs, f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def _create(fs, path: str, body: bytes) -> bool:
+    """Write a whole file unless it exists; False when it did. Atomic and exclusive: a hard link on a local
+    disk, a conditional PUT (If-None-Match) on S3, so two writers can never both create it and a reader never
+    sees half of it."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, body)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        fs.pipe_file(path, body, mode="create")
+    except FileExistsError:  # also when our own first attempt landed and only its answer was lost
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- small files beside checkpoints (leases)
+
+
+def create_file(uri: str, body: bytes) -> bool:
+    """Create ``uri`` holding ``body`` unless it exists (atomic, exclusive); True when this call created it."""
+    fs, path = _filesystem(_normalize(uri))
+    with _io(uri, "create the file"):
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return _create(fs, path, body)
+
+
+def read_file(uri: str) -> bytes | None:
+    """The bytes of ``uri``, or None when it does not exist."""
+    fs, path = _filesystem(_normalize(uri))
+    with _io(uri, "read the file"):
+        fs.invalidate_cache(path.rsplit("/", 1)[0])
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
+def replace_file(uri: str, body: bytes) -> None:
+    fs, path = _filesystem(_normalize(uri))
+    with _io(uri, "write the file"):
+        fs.pipe_file(path, body)
+
+
+def remove_file(uri: str) -> None:
+    fs, path = _filesystem(_normalize(uri))
+    with _io(uri, "remove the file"):
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
 
 def _serialize(weights: dict, state: dict | None) -> dict[str, bytes]:

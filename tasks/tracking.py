@@ -40,7 +40,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.redact import redact, redact_uri
+from tasks.redact import has_credentials, redact, redact_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 CONTEXT_TAG = "mlflow.data.context"
@@ -66,12 +66,24 @@ def _home() -> Path:
 
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else the embedded SQLite file under the project home."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri = _setting("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     home = _home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _setting(name: str) -> str:
+    """A URI from the environment, refused when it carries credentials: MLflow prints the tracking URI (run links
+    on stdout) and repeats it in its error messages, so they would end up in logs."""
+    uri = os.environ.get(name, "").strip()
+    if uri and has_credentials(uri):
+        raise TrackingError(
+            f"{name} {redact_uri(uri)}: credentials inside the URI are not supported; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, instead"
+        )
+    return uri
 
 
 def _is_remote(uri: str) -> bool:
@@ -91,7 +103,7 @@ def _client(uri: str, registry: str | None) -> MlflowClient:
 
 
 def get_client() -> MlflowClient:
-    return _client(tracking_uri(), os.environ.get("MLFLOW_REGISTRY_URI") or None)
+    return _client(tracking_uri(), _setting("MLFLOW_REGISTRY_URI") or None)
 
 
 def check_tracking() -> None:

@@ -26,35 +26,34 @@ ROOT = Path(__file__).parents[2]
 FAST = ["pretrain.steps=6", "pretrain.checkpoint_every=3", "pretrain.eval_every=3"]
 
 
-def cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=cwd, text=True,
-                          capture_output=True, timeout=300)
+UNREACHABLE = {
+    "pretrain": ["stage", "pretrain"],
+    # registry inputs are resolved before the stage starts: without a quick probe MLflow's own retries take minutes
+    "ppo-from-registry": ["stage", "ppo", "--pretrained", "models:/palm-pretrained@champion",
+                          "--reward-model", "models:/palm-reward@champion"],
+}
 
 
-@pytest.fixture
-def nobody_home(tmp_path, prefect_server):
-    """A CLI environment whose MLflow address answers nothing (a port nobody listens on)."""
-    uri = f"http://127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("PALM_RLHF_STORE",)}
-    env.update(prefect_server.env, MLFLOW_TRACKING_URI=uri, PALM_RLHF_HOME=str(tmp_path / "home"),
-               PALM_RLHF_STORE=str(tmp_path / "store"), PYTHONPATH=str(ROOT))
-    return uri, env, tmp_path
-
-
-@pytest.mark.parametrize("args", [
-    ["stage", "pretrain"],
-    # registry inputs are resolved before the stage starts: without a fast probe MLflow's own retries take minutes
-    ["stage", "ppo", "--pretrained", "models:/palm-pretrained@champion",
-     "--reward-model", "models:/palm-reward@champion"],
-], ids=["pretrain", "ppo-from-registry"])
-def test_unreachable_tracking_fails_at_start_with_one_line(nobody_home, args):
-    uri, env, root = nobody_home
-    done = cli([*args, "--preset", "tiny", *(a for s in FAST for a in ("--set", s))], env, root)
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
-    assert lines == [f"palm-rlhf: error: MLflow tracking at {uri} is unreachable (connection refused); "
-                     "start the server or fix MLFLOW_TRACKING_URI"]
-    assert not (root / "store").exists(), "nothing may be computed or written before tracking answers"
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_runs(tmp_path_factory, prefect_server):
+    """Each command in its own project, its MLflow address a port nobody listens on; started when the module starts,
+    so they run while the in-process test below does."""
+    started = {}
+    for name, args in UNREACHABLE.items():
+        root = tmp_path_factory.mktemp(name)
+        uri = f"http://127.0.0.1:{free_port()}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PALM_RLHF_"))}
+        env.update({**prefect_server.env, "MLFLOW_TRACKING_URI": uri, "PALM_RLHF_HOME": str(root / "home"),
+                    "PALM_RLHF_STORE": str(root / "store"), "PYTHONPATH": str(ROOT)})
+        settings = [arg for setting in FAST for arg in ("--set", setting)]
+        command = [sys.executable, "-m", "flows.cli", *args, "--preset", "tiny", *settings]
+        started[name] = (subprocess.Popen(command, env=env, cwd=root, text=True, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE), uri, root)
+    yield started
+    for process, _, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 # ---------------------------------------------------------------- MLflow goes away mid-stage
@@ -132,3 +131,16 @@ def test_mlflow_lost_mid_stage_keeps_training_and_a_rerun_completes_the_run(own_
     assert client.get_model_version("palm-pretrained", result.model_version).tags["checkpoint_digest"] == \
         result.digest
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][:3] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- unreachable from the start (run meanwhile)
+
+
+@pytest.mark.parametrize("name", UNREACHABLE)
+def test_unreachable_tracking_fails_at_start_with_one_line(unreachable_runs, name):
+    process, uri, root = unreachable_runs[name]
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines() == [f"palm-rlhf: error: MLflow tracking at {uri} is unreachable (connection "
+                                           "refused); start the server or fix MLFLOW_TRACKING_URI"]
+    assert not (root / "store").exists(), "nothing may be computed or written before tracking answers"

@@ -248,14 +248,21 @@ def test_check_tracking_fails_fast_and_clearly_on_a_dead_server(monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:pa55word@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     started = time.perf_counter()
     with pytest.raises(tracking.TrackingError) as caught:
         tracking.check_tracking()
     print(f"check_tracking on a closed port took {time.perf_counter() - started:.3f}s")
     message = str(caught.value)
-    assert f"http://127.0.0.1:{port}" in message and "unreachable" in message
-    assert "pa55word" not in message and "\n" not in message
+    assert f"http://127.0.0.1:{port}" in message and "unreachable" in message and "\n" not in message
+
+
+def test_credentials_inside_the_tracking_uri_are_refused_without_echoing_them(monkeypatch):
+    # MLflow prints the tracking URI (run links on stdout) and repeats it in its errors.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:pa55word@127.0.0.1:5000")
+    with pytest.raises(tracking.TrackingError, match="credentials inside the URI are not supported") as caught:
+        tracking.check_tracking()
+    assert "http://127.0.0.1:5000" in str(caught.value) and "pa55word" not in str(caught.value)
 
 
 @pytest.mark.servers
