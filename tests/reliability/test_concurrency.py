@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import subprocess
 import sys
 import uuid
@@ -19,10 +21,10 @@ import pytest
 import s3fs
 
 from tasks import tracking
-from tasks.stage import CANDIDATE, CHAMPION, RUN_KEY_TAG
+from tasks.stage import CANDIDATE, CHAMPION, LEASE_FILE, RUN_KEY_TAG, RunLease
 from tasks.store import list_checkpoints, verify_checkpoint
 
-pytestmark = [pytest.mark.servers, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).parents[2]
 # Pretraining long enough that the identical rerun arrives while the pipeline's pretraining still runs.
@@ -63,6 +65,7 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.servers
 def test_the_identical_rerun_waited_and_reused_the_pipelines_stage(race):
     results, logs, _, _ = race
     pipeline, same = results["pipeline"]["pretrain"], results["same"]["pretrain"]
@@ -78,6 +81,7 @@ def test_the_identical_rerun_waited_and_reused_the_pipelines_stage(race):
     assert len(client.search_model_versions(f"tags.`{RUN_KEY_TAG}` = '{key}'")) == 1
 
 
+@pytest.mark.servers
 def test_every_run_keeps_its_own_complete_checkpoints(race, s3_server):
     results, _, _, store = race
     pipeline, other = results["pipeline"], results["other"]["pretrain"]
@@ -95,6 +99,7 @@ def test_every_run_keeps_its_own_complete_checkpoints(race, s3_server):
     assert not [k for k in fs.find(store.removeprefix("s3://")) if k.endswith("_lease.json")], "leases released"
 
 
+@pytest.mark.servers
 def test_candidate_is_the_newest_and_champion_moves_only_on_an_eval_win(race):
     results, _, champions_before, _ = race
     pipeline, other = results["pipeline"], results["other"]["pretrain"]
@@ -105,3 +110,32 @@ def test_candidate_is_the_newest_and_champion_moves_only_on_an_eval_win(race):
         expected = pipeline[stage]["model_version"] if won else champions_before[name]
         assert tracking.get_alias(name, CHAMPION) == expected, name
     assert tracking.get_alias("palm-pretrained", CHAMPION) != other["model_version"], "a stage rerun never wins"
+
+
+# ---------------------------------------------------------------- leases left behind
+
+
+def _leave_lease(prefix: Path, **holder) -> Path:
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / LEASE_FILE).write_text(json.dumps({"owner": "someone", **holder}))
+    return prefix / LEASE_FILE
+
+
+def test_a_lease_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = _leave_lease(tmp_path / "run", host=socket.gethostname(), pid=int(gone.stdout),
+                         expires_at=time.time() + 3600)
+    with RunLease(str(tmp_path / "run"), "pretrain") as held:
+        assert json.loads(lease.read_text())["owner"] == held.holder["owner"]
+    assert not lease.exists(), "released"
+
+
+def test_a_lease_of_another_host_is_taken_over_only_once_it_expires(tmp_path):
+    from tasks.stage import _abandoned
+
+    alive = {"owner": "someone", "host": "another-host", "pid": 1}
+    assert not _abandoned({**alive, "expires_at": time.time() + 30})
+    assert _abandoned({**alive, "expires_at": time.time() - 1})
+    lease = _leave_lease(tmp_path / "run", **alive, expires_at=time.time() - 1)
+    with RunLease(str(tmp_path / "run"), "pretrain") as held:
+        assert json.loads(lease.read_text())["owner"] == held.holder["owner"]
