@@ -100,13 +100,14 @@ class RealWordsLabeler:
 def load_labeler(spec: str, corpus_text: str) -> Labeler:
     """A labeler from its spec: "builtin:real-words" (vocabulary from ``corpus_text``) or "package.module:attr".
 
-    The built-in rater is strict (floor 0.5): half the words misspelt is 1 star, which spreads the ratings of a
-    small model's English-looking text over the whole scale.
+    The built-in rater knows every word the corpus uses (min_count 1: what the pretrained model could have learnt)
+    and is strict (floor 0.5): half the words misspelt is 1 star, which spreads the ratings of a small model's
+    English-looking text over the whole scale.
 
     ``attr`` may be a labeler object, or a class or factory that is called with no arguments.
     """
     if spec == "builtin:real-words":
-        return RealWordsLabeler.from_corpus(corpus_text, floor=0.5)
+        return RealWordsLabeler.from_corpus(corpus_text, min_count=1, floor=0.5)
     if spec.startswith("builtin:"):
         raise LabelerError(f"unknown labeler {spec!r}; built-in labelers: {', '.join(BUILTIN_LABELERS)}")
     module_name, _, attr = spec.partition(":")
