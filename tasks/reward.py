@@ -9,6 +9,7 @@ shapes (for ratings, over pairs derived from the held-out ratings), plus the rat
 from __future__ import annotations
 
 import hashlib
+import math
 from functools import partial
 
 import pandas as pd
@@ -77,7 +78,9 @@ def heldout_metrics(rm, table: FeedbackTable, heldout: pd.DataFrame, config: Rew
         chosen = score_texts(rm, list(pairs["prompt"]), list(pairs["chosen"]), context, device)
         rejected = score_texts(rm, list(pairs["prompt"]), list(pairs["rejected"]), context, device)
         metrics["heldout_pair_accuracy"] = float((chosen > rejected).float().mean())
-        metrics["heldout_pairs"] = float(len(pairs))
+    else:  # every held-out rating tied: accuracy is undefined, and says so rather than inventing a number
+        metrics["heldout_pair_accuracy"] = float("nan")
+    metrics["heldout_pairs"] = float(len(pairs))
     return metrics
 
 
@@ -139,7 +142,8 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
                     with distributed.gathered(batch_loss):  # every rank evaluates: FSDP gathers collectively
                         metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
                     extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
-                             "metrics": {k: v for k, v in metrics.items() if k != "examples_per_s"}}
+                             "metrics": {k: v for k, v in metrics.items()
+                                         if k != "examples_per_s" and math.isfinite(v)}}
                 if last:
                     with distributed.gathered(batch_loss):
                         scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
@@ -171,7 +175,9 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
     log_curves(run, ["loss", "heldout_pair_accuracy"], "reward model", "plots/reward.png")
     log_scored_examples(run.run_id, scorer, heldout.head(16), table.kind, context, score_device)
-    return ref, {k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"}
+    headline = {"heldout_pair_accuracy": float("nan")}  # stays NaN when no held-out pair exists (all ratings tied)
+    headline.update({k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"})
+    return ref, headline
 
 
 def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, context: int, device) -> None:

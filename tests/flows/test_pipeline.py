@@ -64,6 +64,21 @@ def test_summary_has_every_stage_with_its_model(first_run):
     assert first_run["eval"]["metrics"]["oracle_mean.ppo.best_of_16"] >= 1
 
 
+def test_the_report_is_complete(first_run):
+    """Every figure the evaluation report promises is in the summary, under the stage that made it."""
+    evaluation = first_run["eval"]["metrics"]
+    for policy in ("pretrained", "ppo"):
+        assert f"oracle_mean.{policy}" in evaluation
+        assert f"reward_mean.{policy}" in evaluation
+        for n in (1, 4, 16):
+            assert 1 <= evaluation[f"oracle_mean.{policy}.best_of_{n}"] <= 5
+        for key in ("kl_per_token", "distinct_2", "response_length"):
+            assert f"{key}.{policy}" in evaluation
+    assert evaluation["kl_per_token.pretrained"] == 0.0
+    assert "heldout_pair_accuracy" in first_run["reward"]["metrics"]
+    assert {"reward", "kl"} <= set(first_run["ppo"]["metrics"])
+
+
 def test_checkpoints_verify_and_name_their_parents(first_run, local_tracking):
     refs = {s: verify_checkpoint(first_run[s]["checkpoint_uri"]) for s in ("pretrain", "reward", "ppo")}
     for stage, ref in refs.items():
