@@ -8,14 +8,14 @@ from functools import partial
 import torch
 
 from models.palm import PaLM
-from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
+from models.training import capture_rng, finite_or_raise, lr_at, set_lr, train_step
 from tasks import distributed, tracking
 from tasks.config import PretrainConfig
 from tasks.data import BUILTIN_CORPUS_URI, ByteTokenizer, encode_corpus, read_corpus, split_tokens, text_digest
 from tasks.progress import progress_bar
 from tasks.samples import log_samples
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
+from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime, resume_into
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 
 MODEL_NAME = "palm-pretrained"
@@ -65,12 +65,7 @@ def train(run: StageRun, config: PretrainConfig, corpus: CorpusInput) -> tuple[C
     torch.manual_seed(config.seed)  # the initial weights
     model = build_model(config).to(run.device)
     data_rng = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
-    start, ckpt = 0, None
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from.uri)
-        model.load_state_dict(ckpt.weights)
-        restore_rng(ckpt.state["rng"], {"data": data_rng})
-        start = ckpt.ref.step
+    start, ckpt = resume_into(run, model, {"data": data_rng})
     trained = distributed.data_parallel(model, config.runtime)  # DDP or FSDP across ranks; `model` in one process
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                   weight_decay=config.weight_decay)

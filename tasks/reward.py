@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from models.palm import PaLM
-from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
+from models.training import capture_rng, finite_or_raise, lr_at, set_lr, train_step
 from tasks import distributed, tracking
 from tasks.config import RewardConfig
 from tasks.data import FeedbackTable, make_prompts, pairs_from_ratings, read_feedback
@@ -25,7 +25,7 @@ from tasks.inputs import ModelInput, build_reward_model, load_palm, resolve_inpu
 from tasks.labeler import load_labeler
 from tasks.progress import progress_bar
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
+from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime, resume_into
 from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
 from tasks.tokens import check_prompts_fit, encode_dialogues
 
@@ -108,12 +108,7 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     for p in rm.palm.base_parameters():
         p.requires_grad_(False)
     data_rng = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
-    start, ckpt = 0, None
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from.uri)
-        rm.load_state_dict(ckpt.weights)
-        restore_rng(ckpt.state["rng"], {"data": data_rng})
-        start = ckpt.ref.step
+    start, ckpt = resume_into(run, rm, {"data": data_rng})
     # DDP or FSDP across ranks; in one process, _batch_loss(rm, ...) itself
     batch_loss = distributed.data_parallel(distributed.LossModule(rm, _batch_loss), config.runtime)
     params = rm.finetune_parameters()  # after FSDP, which replaces the parameters it shards

@@ -358,6 +358,19 @@ def log_curves(run: StageRun, keys: list[str], title: str, artifact_file: str) -
         tracking.log_plot(run.run_id, run.metrics.history, keys=present, title=title, artifact_file=artifact_file)
 
 
+def resume_into(run: StageRun, module, generators: dict) -> tuple[int, "object | None"]:
+    """Load the run's last complete checkpoint into `module` and the random streams; (step to continue from, it)."""
+    if run.resume_from is None:
+        return 0, None
+    from models.training import restore_rng
+    from tasks.store import load_checkpoint
+
+    ckpt = load_checkpoint(run.resume_from.uri)
+    module.load_state_dict(ckpt.weights)
+    restore_rng(ckpt.state["rng"], generators)
+    return ckpt.ref.step, ckpt
+
+
 class Throughput:
     """Items per second over the last interval, for the progress bar and the metrics."""
 
