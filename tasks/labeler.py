@@ -46,8 +46,11 @@ class RealWordsLabeler:
     A strict rater (``floor`` > 0) gives 1 star to any response whose share is at or below
     ``floor`` and spreads the stars over the rest: 1 + 4 x (share - floor) / (1 - floor).
     Saying the same word over and over is not writing: a word counts as real at most
-    ``max_repeats`` times in one response ("the the the the" is half real). Word order, grammar
-    and truthfulness are not judged.
+    ``max_repeats`` times in one response ("the the the the" is half real). A response that ends
+    in a letter may have been cut off by the length limit in the middle of a word: its last word
+    counts as real when some vocabulary word starts with it ("... the objec" is fine, "... the
+    xqzt" is not), since the writer had no chance to finish it. Word order, grammar and
+    truthfulness are not judged.
     """
 
     def __init__(self, vocabulary: Iterable[str], min_words: int = 3, max_repeats: int = 2, floor: float = 0.0):
@@ -57,13 +60,14 @@ class RealWordsLabeler:
         if not 0 <= floor < 1:
             raise LabelerError(f"floor must be in [0, 1), got {floor}")
         self.min_words, self.max_repeats, self.floor = min_words, max_repeats, floor
+        self._prefixes = frozenset(w[:i] for w in self.vocabulary for i in range(1, len(w) + 1))
 
     @property
     def identity(self) -> str:
         """What determines its ratings, for cache keys: feedback from another rater is other data."""
         digest = hashlib.sha256("\n".join(sorted(self.vocabulary)).encode()).hexdigest()[:12]
         return (f"real-words(vocab={digest}, min_words={self.min_words}, max_repeats={self.max_repeats}, "
-                f"floor={self.floor})")
+                f"floor={self.floor}, cut-word=prefix)")
 
     @classmethod
     def from_corpus(cls, text: str, min_count: int = 3, min_words: int = 3, **options) -> RealWordsLabeler:
@@ -80,13 +84,16 @@ class RealWordsLabeler:
 
     def score(self, prompt: str, response: str) -> float:
         """The share of the response's words that are in the vocabulary, in [0, 1] (0 with no words);
-        occurrences of a word beyond its ``max_repeats``-th do not count as real."""
+        occurrences of a word beyond its ``max_repeats``-th do not count as real, and a last word cut off
+        mid-word counts when it begins a vocabulary word."""
         tokens = words(response)
+        cut_off = response[-1:].isascii() and response[-1:].isalpha()
         seen: collections.Counter = collections.Counter()
         real = 0
-        for w in tokens:
+        for i, w in enumerate(tokens):
             seen[w] += 1
-            real += w in self.vocabulary and seen[w] <= self.max_repeats
+            known = w in (self._prefixes if cut_off and i == len(tokens) - 1 else self.vocabulary)
+            real += known and seen[w] <= self.max_repeats
         return real / len(tokens) if tokens else 0.0
 
     def rate(self, prompt: str, response: str) -> float:

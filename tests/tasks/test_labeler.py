@@ -137,4 +137,15 @@ def test_strict_rater_spreads_stars_above_the_floor(response, stars):
 def test_builtin_labeler_is_strict_and_names_what_it_depends_on():
     labeler = load_labeler("builtin:real-words", "the cat sat on the mat " * 3)
     assert labeler.floor == 0.5
-    assert "floor=0.5" in labeler.identity
+    assert "floor=0.5" in labeler.identity and "cut-word=prefix" in labeler.identity
+
+
+@pytest.mark.parametrize("response, stars", [
+    ("the cat sat on the ma", 5.0),  # cut off inside "mat": the start of a real word counts
+    ("the cat sat on the ma.", 4.5),  # ended by the writer, not by the length limit: "ma" is no word (5/6)
+    ("the cat sat on the xq", 4.5),  # cut off, but no word starts with "xq" (5/6)
+    ("the ca sat on the mat", 4.5),  # only the last word can have been cut off (5/6)
+    ("the cat sat on the d", 5.0),  # one letter is the start of "dog"
+])
+def test_a_word_cut_off_by_the_length_limit_counts_when_it_begins_a_real_word(response, stars):
+    assert RealWordsLabeler(VOCAB).rate("", response) == stars
