@@ -81,7 +81,7 @@ class Experience:
     logprobs: Tensor  # (b, T) under the policy that sampled them
     ref_logprobs: Tensor  # (b, T) under the frozen reference
     values: Tensor  # (b, T)
-    rewards: Tensor  # (b, T) KL penalty plus the score on the last action
+    rewards: Tensor  # (b, T) KL penalty plus the score on the last action (or each action's share of it)
     scores: Tensor  # (b,) reward model score of each response
     advantages: Tensor  # (b, T)
     returns: Tensor  # (b, T)
@@ -128,8 +128,15 @@ def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor,
     out = action_outputs(ac, seq, seq_mask, T)
     ref_logits = ac.reference_logits(seq[:, :-1], seq_mask[:, :-1])[:, -T:]
     ref_logprobs = gather_logprobs(ref_logits, seq[:, -T:])
-    scores = reward_model.score(seq, mask=seq_mask, prompt_mask=prompt_part).float()
-    rewards = kl_penalty_rewards(scores, out["logprobs"], ref_logprobs, gen.mask, kl_coef)
+    if cfg.dense_rewards and getattr(reward_model, "dense", False):
+        # each response token's share of the score (the shares of prompt tokens are 0): the same total, given
+        # where it was earned
+        token_scores = reward_model.token_rewards(seq, mask=seq_mask, prompt_mask=prompt_part)[:, -T:].float()
+        scores = token_scores.sum(-1)
+        rewards = kl_penalty_rewards(token_scores, out["logprobs"], ref_logprobs, gen.mask, kl_coef)
+    else:
+        scores = reward_model.score(seq, mask=seq_mask, prompt_mask=prompt_part).float()
+        rewards = kl_penalty_rewards(scores, out["logprobs"], ref_logprobs, gen.mask, kl_coef)
     advantages, returns = gae(rewards, out["values"].float(), gen.mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, gen.mask)

@@ -163,11 +163,12 @@ class PaLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, return_loss: bool = False, mask: Tensor | None = None, finetune_scope: str | None = None,
                 return_only_embedding: bool = False, extra_embed: Tensor | None = None, cache: KVCache | None = None,
-                positions: Tensor | None = None, causal: bool | None = None):
+                positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False):
         """x: (b, n) token ids. mask: (b, n) True for real tokens (False = padding); with a cache it covers cache + x.
 
         return_loss: next-token cross-entropy over every position whose target is a real token (padding is the only
         thing left out: token id 0 is an ordinary token).
+        return_embedding_and_logits: (final embeddings, logits), both from this one pass.
         """
         if return_loss:
             inputs, targets = x[:, :-1], x[:, 1:]
@@ -195,7 +196,8 @@ class PaLM(nn.Module):
         h = self.norm(h)
         if return_only_embedding:
             return h
-        return h @ self.token_emb.weight.t()  # tied output embedding
+        logits = h @ self.token_emb.weight.t()  # tied output embedding
+        return (h, logits) if return_embedding_and_logits else logits
 
     @staticmethod
     def _positions(mask: Tensor | None, b: int, n: int, offset: int, device) -> Tensor:

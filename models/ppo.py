@@ -29,6 +29,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
+    dense_rewards: bool = True  # credit each token with its share of the reward, where the reward model has them
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -44,12 +45,15 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def kl_penalty_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
-    """Per-token reward: -kl_coef * (log pi - log pi_ref) on every action, plus the sequence score on the last one.
+    """Per-token reward: -kl_coef * (log pi - log pi_ref) on every action, plus the score.
 
-    scores (b,), the other tensors (b, T). Returns (b, T), zero on padding.
+    scores (b,): the sequence score, on the last action. scores (b, T): each action's own share of it (dense
+    rewards), on that action. The other tensors are (b, T). Returns (b, T), zero on padding.
     """
     m = mask.to(logprobs.dtype)
     rewards = -kl_coef * (logprobs - ref_logprobs) * m
+    if scores.ndim == 2:
+        return rewards + scores.to(rewards.dtype) * m
     last = (mask.long().cumsum(-1) == mask.long().sum(-1, keepdim=True)) & mask  # the final real action of each row
     return rewards + scores[:, None].to(rewards.dtype) * last.to(rewards.dtype)
 

@@ -5,11 +5,21 @@ Three kinds of human feedback train it (Ouyang et al. 2022, https://arxiv.org/ab
   sequence always gets one reward (the reference samples a bin, which gives the same text different rewards);
 - ratings as scalars (`num_binned_output=0`): mean squared error;
 - pairwise preferences: -log sigmoid(r_chosen - r_rejected) (Bradley-Terry).
+
+Two heads read the PaLM's final embeddings:
+- "mean-pooled" (the reference's): a linear map of the embeddings averaged over response tokens;
+- "per-token": a small MLP scores every response token from its embedding *and its log-likelihood under the model*,
+  and the reward is the mean of those scores. How surprising a token is to a language model is the classic fluency
+  signal (SLOR, Kann et al. 2018, https://arxiv.org/abs/1809.08731), which a linear map of pooled embeddings cannot
+  compute: it needs each position's prediction set against the token that came next. With a nonlinearity per token
+  the head can count "tokens the model finds implausible", which is what judgements of misspelt or broken text
+  come down to.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,24 +43,46 @@ def masked_mean(x: Tensor, mask: Tensor | None, dim: int = 1) -> Tensor:
     return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp(min=1)
 
 
+HEADS = ("mean-pooled", "per-token")
+
+
+def token_logprobs(logits: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
+    """log p(x_t | x_<t) for every position t (b, n), from next-token logits (b, n, V).
+
+    Position 0, and any token that follows padding, has no prediction of its own: 0 (no surprise).
+    """
+    logp = logits[:, :-1].float().log_softmax(dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)  # (b, n-1)
+    if mask is not None:
+        logp = logp * mask[:, :-1].to(logp.dtype)
+    return F.pad(logp, (1, 0))
+
+
 class RewardModel(nn.Module):
     def __init__(self, palm: PaLM, num_binned_output: int = 0, use_lora: bool = True, lora_r: int = 8,
-                 reward_lora_scope: str = "reward"):
+                 reward_lora_scope: str = "reward", head: Literal["mean-pooled", "per-token"] = "mean-pooled",
+                 head_hidden: int = 64):
         super().__init__()
         if num_binned_output == 1 or num_binned_output < 0:
             raise ValueError("num_binned_output must be 0 (scalar head) or at least 2 bins")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.palm = copy.deepcopy(palm)
         self.scope = reward_lora_scope if use_lora else None
         if use_lora and reward_lora_scope not in self.palm.finetune_modules:
             self.palm.add_finetune_params(reward_lora_scope, lora_r)
         self.use_lora, self.lora_r, self.num_binned_output = use_lora, lora_r, num_binned_output
-        dim = palm.config.dim
+        self.head, self.head_hidden = head, head_hidden
+        dim, outputs = palm.config.dim, max(num_binned_output, 1)
         # learned markers telling the model which tokens are prompt and which are response
         self.prompt_embed = nn.Parameter(torch.zeros(dim))
         self.response_embed = nn.Parameter(torch.zeros(dim))
-        self.to_pred = nn.Linear(dim, max(num_binned_output, 1))
-        nn.init.zeros_(self.to_pred.bias)
-        nn.init.normal_(self.to_pred.weight, std=0.02)
+        if head == "mean-pooled":
+            self.to_pred = nn.Linear(dim, outputs)
+        else:  # per token: (embedding, log-likelihood) -> hidden -> outputs
+            self.to_pred = nn.Sequential(nn.Linear(dim + 1, head_hidden), nn.GELU(), nn.Linear(head_hidden, outputs))
+        last = self.to_pred if head == "mean-pooled" else self.to_pred[-1]
+        nn.init.zeros_(last.bias)
+        nn.init.normal_(last.weight, std=0.02)
 
     @property
     def binned(self) -> bool:
@@ -76,19 +108,58 @@ class RewardModel(nn.Module):
         return F.mse_loss(pred.squeeze(-1).float(), labels.float())
 
     def predict(self, x, mask=None, prompt_mask=None, prompt_lengths=None) -> Tensor:
-        """Raw head output: (b, bins) logits or (b, 1) score. Pools the mean over response tokens."""
+        """Raw head output: (b, bins) logits or (b, 1) score, pooled as the mean over response tokens (of the
+        embeddings for the mean-pooled head, of the per-token outputs for the per-token head)."""
+        if self.head == "mean-pooled":
+            h, _, pooled_over = self._embed(x, mask, prompt_mask, prompt_lengths)
+            return self.to_pred(masked_mean(h, pooled_over))
+        per_token, pooled_over = self._per_token(x, mask, prompt_mask, prompt_lengths)
+        return masked_mean(per_token, pooled_over)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the reward splits into per-token rewards (`token_rewards`): the per-token head with a scalar
+        output, whose reward is a plain mean of token scores."""
+        return self.head == "per-token" and not self.binned
+
+    def token_rewards(self, x, mask=None, prompt_mask=None, prompt_lengths=None, baseline: float = 0.0) -> Tensor:
+        """(b, n) each token's share of `score() - baseline`: (token score - baseline) / number of pooled tokens on
+        the tokens the reward pools over, 0 elsewhere. A row sums to its score - baseline, and token t's share
+        depends on tokens up to t only (the PaLM is causal), so PPO can credit each token with its own share
+        instead of the whole score at the end (fine-grained rewards: Wu et al. 2023, https://arxiv.org/abs/2306.01693).
+        """
+        if not self.dense:
+            raise ValueError(f"a reward model with the {self.head} head and {self.num_binned_output} bins has no "
+                             "per-token rewards; they need head='per-token' and a scalar output")
+        per_token, pooled_over = self._per_token(x, mask, prompt_mask, prompt_lengths)
+        weight = pooled_over.float() / pooled_over.sum(-1, keepdim=True).clamp(min=1)
+        return (per_token.squeeze(-1).float() - baseline) * weight
+
+    def _embed(self, x, mask, prompt_mask, prompt_lengths):
+        """Final embeddings (b, n, d), next-token logits (b, n, V) for the per-token head (else None), and the mask
+        of the tokens the reward pools over: the response, or a whole row that has no response tokens."""
         b, n = x.shape
         if prompt_mask is None and prompt_lengths is not None:
             prompt_mask = torch.arange(n, device=x.device)[None] < prompt_lengths[:, None]
         if prompt_mask is None:
             prompt_mask = torch.zeros_like(x, dtype=torch.bool)
         marker = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)
-        h = self.palm(x, mask=mask, finetune_scope=self.scope, extra_embed=marker, return_only_embedding=True)
+        logits = None
+        if self.head == "mean-pooled":
+            h = self.palm(x, mask=mask, finetune_scope=self.scope, extra_embed=marker, return_only_embedding=True)
+        else:  # the logits come from the same pass (under FSDP the output matrix exists only inside it)
+            h, logits = self.palm(x, mask=mask, finetune_scope=self.scope, extra_embed=marker,
+                                  return_embedding_and_logits=True)
         real = torch.ones_like(prompt_mask) if mask is None else mask.bool()
         response = real & ~prompt_mask
         # a row without response tokens is pooled over all its tokens; the choice is per row, never per batch
-        pooled = masked_mean(h, torch.where(response.any(-1, keepdim=True), response, real))
-        return self.to_pred(pooled)
+        return h, logits, torch.where(response.any(-1, keepdim=True), response, real)
+
+    def _per_token(self, x, mask, prompt_mask, prompt_lengths) -> tuple[Tensor, Tensor]:
+        """The per-token head's outputs (b, n, outputs) and the pooling mask (b, n)."""
+        h, logits, pooled_over = self._embed(x, mask, prompt_mask, prompt_lengths)
+        logp = token_logprobs(logits, x, mask)  # (b, n)
+        return self.to_pred(torch.cat((h, logp[..., None].to(h.dtype)), dim=-1)), pooled_over
 
     def preference_loss(self, chosen: Tensor, rejected: Tensor, *, chosen_mask=None, rejected_mask=None,
                         chosen_prompt_mask=None, rejected_prompt_mask=None) -> tuple[Tensor, Tensor]:
@@ -109,7 +180,8 @@ class RewardModel(nn.Module):
         """Weights as safetensors (no pickle), with the head's settings as metadata."""
         from safetensors.torch import save_file
 
-        meta = {"num_binned_output": str(self.num_binned_output), "lora_r": str(self.lora_r)}
+        meta = {"num_binned_output": str(self.num_binned_output), "lora_r": str(self.lora_r), "head": self.head,
+                "head_hidden": str(self.head_hidden)}
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
 
     def load(self, path) -> None:

@@ -105,6 +105,10 @@ class RewardConfig(_Config):
     temperature: PositiveFloat = 1.0
     pair_margin: float = Field(1.5, gt=0)  # stars between chosen and rejected: a clear preference
     num_binned_output: int = Field(0, ge=0)  # ratings: 0 = scalar head (MSE), >= 2 bins (cross-entropy)
+    # per-token: an MLP scores each response token from its embedding and log-likelihood, the reward is their mean;
+    # mean-pooled: the reference's linear head on the mean embedding (models/reward.py says why per-token is better)
+    head: Literal["mean-pooled", "per-token"] = "per-token"
+    head_hidden: PositiveInt = 64
     lora_r: PositiveInt = 16
     steps: PositiveInt = 400
     batch_size: PositiveInt = 32
@@ -142,6 +146,7 @@ class PPOConfig(_Config):
     value_clip_eps: PositiveFloat = 0.2
     value_coef: float = Field(0.5, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
+    dense_rewards: bool = True  # with a per-token reward model: each token gets its share of the reward, not the end
     max_grad_norm: PositiveFloat = 1.0
     actor_lr: PositiveFloat = 1e-3
     critic_lr: PositiveFloat = 1e-3

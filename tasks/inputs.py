@@ -120,7 +120,9 @@ def load_palm(inp: ModelInput, device) -> PaLM:
 
 
 def build_reward_model(palm: PaLM, model_config: dict) -> RewardModel:
-    return RewardModel(palm, num_binned_output=model_config["num_binned_output"], lora_r=model_config["lora_r"])
+    """Checkpoints written before the per-token head existed have the mean-pooled one."""
+    return RewardModel(palm, num_binned_output=model_config["num_binned_output"], lora_r=model_config["lora_r"],
+                       head=model_config.get("head", "mean-pooled"), head_hidden=model_config.get("head_hidden", 64))
 
 
 def load_reward_model(inp: ModelInput, device) -> RewardModel:

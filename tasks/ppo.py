@@ -35,8 +35,16 @@ class StandardisedReward(nn.Module):
         super().__init__()
         self.reward_model, self.mean, self.std = reward_model, mean, std
 
+    @property
+    def dense(self) -> bool:
+        return getattr(self.reward_model, "dense", False)
+
     def score(self, x, mask=None, prompt_mask=None):
         return (self.reward_model.score(x, mask=mask, prompt_mask=prompt_mask) - self.mean) / self.std
+
+    def token_rewards(self, x, mask=None, prompt_mask=None):
+        """Per-token shares of the standardised score: each row sums to score()."""
+        return self.reward_model.token_rewards(x, mask=mask, prompt_mask=prompt_mask, baseline=self.mean) / self.std
 
 
 def load_standardised_reward(reward: ModelInput, device) -> StandardisedReward:
@@ -54,7 +62,7 @@ def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, 
         gamma=config.gamma, lam=config.lam, clip_eps=config.clip_eps, value_clip_eps=config.value_clip_eps,
         value_coef=config.value_coef, entropy_coef=config.entropy_coef, kl_coef=config.kl_coef,
         adaptive_kl=config.adaptive_kl, kl_target=config.kl_target, kl_horizon=config.kl_horizon,
-        ppo_epochs=config.ppo_epochs, max_grad_norm=config.max_grad_norm)
+        ppo_epochs=config.ppo_epochs, max_grad_norm=config.max_grad_norm, dense_rewards=config.dense_rewards)
     torch.manual_seed(config.seed)  # the LoRA initialisation
     trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,

@@ -97,13 +97,19 @@ def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, context: int, devi
     return loss, {"accuracy": accuracy}
 
 
+def head_config(config: RewardConfig) -> dict:
+    """The reward model's own architecture, as its checkpoint's manifest records it (beside the PaLM's)."""
+    return {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r, "head": config.head,
+            "head_hidden": config.head_hidden}
+
+
 def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: FeedbackTable,
           feedback_uri: str) -> tuple[CheckpointRef, dict[str, float]]:
     context = pretrained.palm_config["max_seq_len"]
     train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
     palm = load_palm(pretrained, "cpu")
     torch.manual_seed(config.seed)  # the LoRA and head initialisation
-    rm = build_reward_model(palm, {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r})
+    rm = build_reward_model(palm, head_config(config))
     rm = rm.to(run.device)
     for p in rm.palm.base_parameters():
         p.requires_grad_(False)
@@ -116,8 +122,7 @@ def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: Fe
     if ckpt is not None:
         distributed.load_optimizer_state(rm, optimizer, ckpt.state["optimizer"])
 
-    model_config = {"palm": pretrained.palm_config, "num_binned_output": config.num_binned_output,
-                    "lora_r": config.lora_r}
+    model_config = {"palm": pretrained.palm_config, **head_config(config)}
     clock, ref, metrics = Throughput(), run.resume_from, {}
     with progress_bar("reward", config.steps, start) as show:
         for step in range(start, config.steps):

@@ -29,7 +29,8 @@ def tiny_reward_model(palm: PaLM | None = None, seed: int = 1, **kwargs) -> Rewa
     torch.manual_seed(seed)
     rm = RewardModel(palm, **kwargs)
     # a random head instead of the near-zero default, so different responses get clearly different rewards
-    torch.nn.init.normal_(rm.to_pred.weight, std=1.0)
+    last = rm.to_pred if rm.head == "mean-pooled" else rm.to_pred[-1]
+    torch.nn.init.normal_(last.weight, std=1.0)
     return rm
 
 

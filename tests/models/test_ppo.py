@@ -36,6 +36,14 @@ def test_kl_penalty_is_per_token_with_the_score_on_the_last_real_action():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 1.95], [0.05, -1.0, 0.0]]))
 
 
+def test_dense_rewards_land_on_the_actions_that_earned_them():
+    token_scores = torch.tensor([[0.5, 0.25, 1.0], [-1.0, 2.0, 7.0]])  # the 7 sits on padding and must not leak in
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -1.0], [-0.5, -1.0, -1.0]])
+    rewards = kl_penalty_rewards(token_scores, logprobs, ref_logprobs, MASK_2X3, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[0.45, 0.25, 0.95], [-0.95, 2.0, 0.0]]))
+
+
 def test_clipped_surrogate_matches_hand_computation():
     ratios = torch.tensor([[1.5, 0.7, 0.9, 3.0]])
     advantages = torch.tensor([[1.0, -1.0, -1.0, 5.0]])
@@ -122,6 +130,26 @@ def test_rollout_rewards_are_the_per_token_kl_to_the_frozen_base_plus_the_score(
     expected = -0.3 * (exp.logprobs - exp.ref_logprobs)
     expected[:, -1] += exp.scores
     torch.testing.assert_close(exp.rewards, expected)
+
+
+def test_a_per_token_reward_model_gives_each_action_its_share_of_the_score():
+    palm = tiny_palm()
+    rm = tiny_reward_model(head="per-token")
+    trainer = RLHFTrainer(palm=palm, reward_model=rm, actor_lr=1e-2, kl_coef=0.3,
+                          prompt_token_ids=torch.randint(0, VOCAB, (6, 5)), seed=0)
+    ppo_steps(trainer, 2)
+    exp, _ = trainer.rollout(trainer.prompts, trainer.prompts_mask, 4)
+    T = exp.num_actions
+    shares = rm.token_rewards(exp.sequences, mask=exp.sequence_mask, prompt_mask=exp.prompt_mask)
+    torch.testing.assert_close(exp.scores, rm.score(exp.sequences, mask=exp.sequence_mask,
+                                                    prompt_mask=exp.prompt_mask))  # the same total
+    torch.testing.assert_close(exp.rewards, -0.3 * (exp.logprobs - exp.ref_logprobs) + shares[:, -T:])
+    assert (shares[:, -T:] != 0).all() and (shares[:, :-T] == 0).all()  # response tokens only
+
+    sparse = RLHFTrainer(palm=palm, reward_model=rm, kl_coef=0.3, dense_rewards=False,
+                         prompt_token_ids=trainer.prompts, seed=0)
+    exp, _ = sparse.rollout(sparse.prompts, sparse.prompts_mask, 4)
+    torch.testing.assert_close(exp.rewards[:, -1], exp.scores)  # the policy is still the base: no KL term
 
 
 def test_adaptive_kl_coefficient_updates_after_each_rollout():
