@@ -98,11 +98,13 @@ class PretrainConfig(_Config):
 class RewardConfig(_Config):
     feedback: str | None = None  # a feedback table URL; None: simulate it with `labeler` on the pretrained policy
     labeler: str = "builtin:real-words"  # or "package.module:attr"
-    num_prompts: PositiveInt = 768  # simulated feedback: prompts x samples_per_prompt rated responses
+    num_prompts: PositiveInt = 1536  # simulated feedback: prompts x samples_per_prompt rated responses
     samples_per_prompt: PositiveInt = 4
     prompt_chars: PositiveInt = 32
     response_tokens: PositiveInt = 64
-    temperature: PositiveFloat = 1.0
+    # one sampling temperature, or several that the samples of each prompt take in turn: feedback on sharper text
+    # too, which is where PPO will take the policy (the reward model must know that region, not only T = 1)
+    temperature: PositiveFloat | list[PositiveFloat] = [1.0, 0.9, 0.8, 0.7]
     pair_margin: float = Field(1.5, gt=0)  # stars between chosen and rejected: a clear preference
     num_binned_output: int = Field(0, ge=0)  # ratings: 0 = scalar head (MSE), >= 2 bins (cross-entropy)
     # per-token: an MLP scores each response token from its embedding and log-likelihood, the reward is their mean;
@@ -118,8 +120,14 @@ class RewardConfig(_Config):
     seed: int = 0
     runtime: Runtime = Runtime()
 
+    @property
+    def temperatures(self) -> list[float]:
+        return self.temperature if isinstance(self.temperature, list) else [self.temperature]
+
     @model_validator(mode="after")
     def _bins(self):
+        if isinstance(self.temperature, list) and not self.temperature:
+            raise ValueError("temperature: give one temperature or a non-empty list of them")
         if self.num_binned_output == 1:
             raise ValueError("num_binned_output must be 0 (scalar head) or at least 2")
         _split_evenly(self.runtime, batch_size=self.batch_size)

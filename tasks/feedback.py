@@ -51,19 +51,27 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
     check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.response_tokens, "reward.feedback")
     palm = load_palm(pretrained, device).eval()
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    rows_prompt, rows_response = [], []
-    per_batch = max(1, 64 // config.samples_per_prompt)
+    rows_prompt, rows_response, rows_temperature = [], [], []
+    temperatures = config.temperatures
+    # sample j of each prompt is drawn at temperatures[j % len(temperatures)]
+    counts = [len(range(i, config.samples_per_prompt, len(temperatures))) for i in range(len(temperatures))]
+    per_batch = max(1, 64 // max(counts))  # prompts per batch: about 64 rows in each generation
     with progress_bar("feedback", len(prompts)) as show:
         for start in range(0, len(prompts), per_batch):
-            chunk = [p for p in prompts[start:start + per_batch] for _ in range(config.samples_per_prompt)]
-            ids, mask = encode_prompts(chunk)
-            gen = palm.sample(ids.to(device), mask.to(device), config.response_tokens,
-                              temperature=config.temperature, filter_thres=0.0, generator=generator)
-            rows_prompt += chunk
-            rows_response += decode_responses(gen.tokens.cpu(), gen.mask.cpu())
+            for temperature, count in zip(temperatures, counts):
+                if not count:
+                    continue
+                chunk = [p for p in prompts[start:start + per_batch] for _ in range(count)]
+                ids, mask = encode_prompts(chunk)
+                gen = palm.sample(ids.to(device), mask.to(device), config.response_tokens,
+                                  temperature=temperature, filter_thres=0.0, generator=generator)
+                rows_prompt += chunk
+                rows_response += decode_responses(gen.tokens.cpu(), gen.mask.cpu())
+                rows_temperature += [temperature] * len(chunk)
             show(min(start + per_batch, len(prompts)))
     ratings = pd.DataFrame({"prompt": rows_prompt, "response": rows_response,
-                            "rating": rate_all(labeler, rows_prompt, rows_response)})
+                            "rating": rate_all(labeler, rows_prompt, rows_response),
+                            "temperature": rows_temperature})  # kept for people; the reward model never reads it
     pairs = pairs_from_ratings(ratings, min_margin=config.pair_margin, seed=config.seed)
     result = {"ratings_uri": join_uri(prefix, "ratings.parquet"), "pairs_uri": join_uri(prefix, "pairs.parquet")}
     result["ratings_digest"] = write_feedback(ratings, result["ratings_uri"])
