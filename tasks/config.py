@@ -98,7 +98,7 @@ class PretrainConfig(_Config):
 class RewardConfig(_Config):
     feedback: str | None = None  # a feedback table URL; None: simulate it with `labeler` on the pretrained policy
     labeler: str = "builtin:real-words"  # or "package.module:attr"
-    num_prompts: PositiveInt = 1536  # simulated feedback: prompts x samples_per_prompt rated responses
+    num_prompts: PositiveInt = 2048  # simulated feedback: prompts x samples_per_prompt rated responses
     samples_per_prompt: PositiveInt = 4
     prompt_chars: PositiveInt = 32
     response_tokens: PositiveInt = 64
@@ -112,7 +112,7 @@ class RewardConfig(_Config):
     head: Literal["mean-pooled", "per-token"] = "per-token"
     head_hidden: PositiveInt = 64
     lora_r: PositiveInt = 16
-    steps: PositiveInt = 400
+    steps: PositiveInt = 700
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
@@ -144,7 +144,7 @@ class PPOConfig(_Config):
     rollout_batch: PositiveInt = 32
     minibatch_size: PositiveInt = 16
     ppo_epochs: PositiveInt = 2
-    kl_coef: float = Field(0.1, ge=0)
+    kl_coef: float = Field(0.15, ge=0)
     adaptive_kl: bool = False
     kl_target: PositiveFloat = 6.0
     kl_horizon: PositiveInt = 10000
