@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 NonNegFloat = Field(ge=0)
+
+
+def _positive_number(value) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 class ConfigError(ValueError):
@@ -124,10 +132,17 @@ class RewardConfig(_Config):
     def temperatures(self) -> list[float]:
         return self.temperature if isinstance(self.temperature, list) else [self.temperature]
 
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _one_or_several(cls, value):
+        # one message for either shape, not one per branch of the union
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_positive_number(v) for v in values):
+            raise ValueError("give one temperature above 0 or a non-empty list of them")
+        return value
+
     @model_validator(mode="after")
     def _bins(self):
-        if isinstance(self.temperature, list) and not self.temperature:
-            raise ValueError("temperature: give one temperature or a non-empty list of them")
         if self.num_binned_output == 1:
             raise ValueError("num_binned_output must be 0 (scalar head) or at least 2")
         _split_evenly(self.runtime, batch_size=self.batch_size)

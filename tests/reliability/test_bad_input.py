@@ -135,6 +135,9 @@ CASES = {
                                        r"seq_len \(500\) is longer than the model context"),
     "vocabulary too small for bytes": (lambda p: sets("pretrain", "pretrain.model.num_tokens=100"),
                                        r"model.num_tokens \(100\) is too small for byte tokens"),
+    "temperature not above 0": (lambda p: sets("reward", "reward.temperature=[1.0,0]"),
+                                r"reward.temperature: .*give one temperature above 0 or a non-empty list of them "
+                                r"\(got \[1.0, 0\]\)$"),
     "unknown device": (lambda p: sets("ppo", "ppo.runtime.device=gpu"), r"ppo.runtime.device: String should match"),
     "unknown stage": (lambda p: ["stage", "finetune"], r"invalid choice: 'finetune'"),
     "stage without its inputs": (lambda p: stage("ppo", "--pretrained", p["pretrained"]),
