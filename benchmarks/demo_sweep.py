@@ -12,32 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-COLUMNS = ("heldout_pair_accuracy", "oracle_mean.pretrained", "oracle_mean.ppo", "gain", "oracle_mean.pretrained.best_of_16",
-           "oracle_mean.ppo.best_of_16", "kl_per_token.ppo", "distinct_2.ppo")
+from gpu_check import demo_pipeline  # the same four stages, in this process
+
+COLUMNS = ("heldout_pair_accuracy", "oracle_mean.pretrained", "oracle_mean.ppo", "gain",
+           "oracle_mean.pretrained.best_of_16", "oracle_mean.ppo.best_of_16", "kl_per_token.ppo", "distinct_2.ppo")
 HEADER = ("variant", "RM pair acc.", "pretrained", "PPO", "PPO gain", "pretrained bo16", "PPO bo16", "KL/token",
           "distinct-2", "reward + PPO min")
 
 
 def run_variant(preset: str, settings: list[str]) -> dict[str, float]:
-    from tasks.config import apply_overrides
-    from tasks.config import preset as make_preset
-    from tasks.evaluate import run_eval
-    from tasks.ppo import run_ppo
-    from tasks.pretrain import run_pretrain
-    from tasks.reward import run_reward
-
-    config = apply_overrides(make_preset(preset), settings)
-    pretrained = run_pretrain(config.pretrain)
-    start = time.perf_counter()
-    reward = run_reward(config.reward, pretrained.checkpoint_uri)
-    policy = run_ppo(config.ppo, pretrained.checkpoint_uri, reward.checkpoint_uri)
-    minutes = (time.perf_counter() - start) / 60
-    metrics = run_eval(config.eval, pretrained.checkpoint_uri, reward.checkpoint_uri, policy.checkpoint_uri).metrics
-    metrics["heldout_pair_accuracy"] = reward.metrics["heldout_pair_accuracy"]
+    stages = demo_pipeline(preset, [], settings)["stages"]
+    metrics = dict(stages["eval"]["metrics"])
+    metrics["heldout_pair_accuracy"] = stages["reward"]["metrics"]["heldout_pair_accuracy"]
     metrics["gain"] = metrics["oracle_mean.ppo"] - metrics["oracle_mean.pretrained"]
-    metrics["minutes"] = minutes
+    metrics["minutes"] = (stages["reward"]["seconds"] + stages["ppo"]["seconds"]) / 60
     return metrics
 
 

@@ -111,15 +111,18 @@ def generation_speed(size: dict, batch: int, prompt_len: int, new_tokens: int, d
             "tokens_per_s": batch * out.tokens.shape[1] / seconds, "ms_per_token_step": 1000 * seconds / new_tokens}
 
 
-def demo_pipeline(preset_name: str, runtime: list[str]) -> dict:
-    """The preset's four stages through their plain functions (as the Prefect tasks call them), timed one by one."""
+def demo_pipeline(preset_name: str, runtime: list[str], settings: list[str] = ()) -> dict:
+    """The preset's four stages through their plain functions (as the Prefect tasks call them), timed one by one.
+
+    `runtime` settings (`key=value`) apply to every stage's runtime; `settings` are whole `stage.key=value` overrides.
+    """
     from tasks.config import STAGES, apply_overrides, preset
     from tasks.evaluate import run_eval
     from tasks.ppo import run_ppo
     from tasks.pretrain import run_pretrain
     from tasks.reward import run_reward
 
-    config = apply_overrides(preset(preset_name), [f"{s}.runtime.{kv}" for s in STAGES for kv in runtime])
+    config = apply_overrides(preset(preset_name), [*(f"{s}.runtime.{kv}" for s in STAGES for kv in runtime), *settings])
     stages, uris = {}, {}
     for name in STAGES:
         began = time.perf_counter()
@@ -133,7 +136,7 @@ def demo_pipeline(preset_name: str, runtime: list[str]) -> dict:
             result = run_eval(config.eval, uris["pretrain"], uris["reward"], uris["ppo"])
         uris[name] = result.checkpoint_uri
         stages[name] = {"seconds": time.perf_counter() - began, "metrics": result.metrics}
-    return {"preset": preset_name, "runtime": runtime, "stages": stages,
+    return {"preset": preset_name, "runtime": runtime, "settings": list(settings), "stages": stages,
             "total_seconds": sum(s["seconds"] for s in stages.values())}
 
 
