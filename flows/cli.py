@@ -98,8 +98,9 @@ def _run_stage(args, config):
 def _check_stage(name: str, config, inputs: dict) -> None:
     """The stage's own input checks, run before Prefect starts: bad input is one line here, not a failed flow run
     with a traceback (the stage runs them again inside its task, for deployments that bypass this CLI)."""
-    from tasks import evaluate, ppo, pretrain, reward, tracking
-    from tasks.stage import resolve_runtime
+    from tasks import evaluate, ppo, pretrain, reward
+    from tasks.runtime.stage import resolve_runtime
+    from tasks.tracking import client as tracking
 
     stage_config = getattr(config, name)
     if name == "pretrain":
@@ -117,8 +118,9 @@ def _check_stage(name: str, config, inputs: dict) -> None:
 
 def _check_pipeline(config) -> None:
     """What can be checked before the first stage: the corpus, the devices, the tracking server."""
-    from tasks import pretrain, tracking
-    from tasks.stage import resolve_runtime
+    from tasks import pretrain
+    from tasks.runtime.stage import resolve_runtime
+    from tasks.tracking import client as tracking
 
     pretrain.load_corpus(config.pretrain)
     for name in STAGES:
@@ -127,7 +129,7 @@ def _check_pipeline(config) -> None:
 
 
 def _lineage(args) -> int:
-    from tasks.lineage import format_lineage, lineage
+    from tasks.tracking.lineage import format_lineage, lineage
 
     print(format_lineage(lineage(args.model_uri)))
     return 0
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print("palm-rlhf: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as err:  # one line for people; the traceback is in the Prefect and MLflow run records
-        from tasks.errors import is_user_error
+        from tasks.runtime.errors import is_user_error
 
         message = " ".join(redact(str(err)).split())  # one line, whatever the message's own layout
         print(f"palm-rlhf: error: {message or type(err).__name__}", file=sys.stderr)

@@ -8,43 +8,17 @@ come back from the store.
 
 from __future__ import annotations
 
-import json
+from prefect import flow
 
-from prefect import flow, task
-
-from flows.common import IO_RETRIES
 from flows.stages import eval_flow, ppo_flow, pretrain_flow, reward_flow
-from tasks import tracking
 from tasks.config import PipelineConfig, apply_overrides, preset as make_preset
-from tasks.stage import FLOW_RUN_TAG, StageResult, code_version, prefect_flow_run_id
+from tasks.runtime.orchestration import close_pipeline_run, open_pipeline_run
+from tasks.runtime.stage import StageResult
 
 
 def build_config(preset: str = "demo", overrides: list[str] | None = None,
                  config: PipelineConfig | None = None) -> PipelineConfig:
     return apply_overrides(config or make_preset(preset), overrides or [])
-
-
-@task(**IO_RETRIES)
-def open_pipeline_run(preset: str, overrides: list[str]) -> str:
-    tracking.check_tracking()
-    tags = {"palm_rlhf.stage": "pipeline", "preset": preset, "code_version": code_version()}
-    if flow_run := prefect_flow_run_id():
-        tags[FLOW_RUN_TAG] = flow_run
-    run_id = tracking.start_run("pipeline", tags=tags)
-    tracking.log_params(run_id, {"preset": preset, "overrides": " ".join(overrides) or "(none)"})
-    return run_id
-
-
-@task(**IO_RETRIES)
-def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None) -> None:
-    if results is not None:
-        summary = {name: r.model_dump() for name, r in results.items()}
-        client = tracking.get_client()
-        for name, r in results.items():  # a reused stage's run sits under the pipeline run that first made it
-            client.set_tag(run_id, f"stage.{name}.run_id", r.mlflow_run_id)
-            client.set_tag(run_id, f"stage.{name}.cached", str(r.cached).lower())
-        tracking.log_text(run_id, json.dumps(summary, indent=2), "summary.json")
-    tracking.end_run(run_id, "FINISHED" if results is not None else "FAILED")
 
 
 def model_uri(result: StageResult) -> str:

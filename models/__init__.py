@@ -3,9 +3,9 @@
 from models.actor_critic import ActorCritic, Experience
 from models.palm import PaLM, PaLMConfig
 from models.ppo import KLController, PPOConfig
-from models.reward import RewardModel, pairwise_loss
+from models.reward import RewardModel, RewardModelConfig, pairwise_loss
 from models.rlhf import RLHFTrainer, select_best_of_n
 from models.sampling import Generation
 
-__all__ = ["PaLM", "PaLMConfig", "RewardModel", "RLHFTrainer", "ActorCritic", "Experience", "PPOConfig",
-           "KLController", "Generation", "pairwise_loss", "select_best_of_n"]
+__all__ = ["PaLM", "PaLMConfig", "RewardModel", "RewardModelConfig", "RLHFTrainer", "ActorCritic", "Experience",
+           "PPOConfig", "KLController", "Generation", "pairwise_loss", "select_best_of_n"]

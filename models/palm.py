@@ -24,26 +24,28 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.cache import KVCache
+from models.config import Positive, PositiveFloat, check_bounds
 from models.sampling import Generation, sample_token
 
 
 @dataclass(frozen=True)
 class PaLMConfig:
-    num_tokens: int
-    dim: int
-    depth: int
+    num_tokens: Positive  # vocabulary size
+    dim: Positive
+    depth: Positive
     causal: bool = True
-    dim_head: int = 64
-    heads: int = 8
-    ff_mult: int = 4
-    max_seq_len: int = 2048
-    rotary_base: float = 10000.0
+    dim_head: Positive = 64
+    heads: Positive = 8
+    ff_mult: Positive = 4
+    max_seq_len: Positive = 2048  # the context: the rotary positions and KV cache go this far
+    rotary_base: PositiveFloat = 10000.0
 
     def __post_init__(self):
         for name in ("num_tokens", "dim", "depth", "dim_head", "heads", "ff_mult", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"PaLM {name} must be a positive integer, got {value!r}")
+        check_bounds(self)
         if self.dim_head % 2:
             raise ValueError(f"PaLM dim_head must be even for rotary embeddings, got {self.dim_head}")
 

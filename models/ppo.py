@@ -13,23 +13,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.config import NonNegative, Positive, PositiveFloat, UnitInterval, check_bounds
 
-@dataclass
+
+@dataclass(frozen=True)
 class PPOConfig:
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.1
-    adaptive_kl: bool = False
-    kl_target: float = 6.0  # nats per sequence, for the adaptive controller
-    kl_horizon: int = 10000
-    ppo_epochs: int = 4
-    max_grad_norm: float = 1.0
+    """PPO's hyperparameters: the pipeline's PPO stage nests this object (`ppo.kl_coef=0.2` sets it)."""
+
+    gamma: UnitInterval = 1.0  # discount over response tokens
+    lam: UnitInterval = 0.95  # GAE's lambda
+    clip_eps: PositiveFloat = 0.2  # the policy ratio's clip range
+    value_clip_eps: PositiveFloat = 0.2
+    value_coef: NonNegative = 0.5
+    entropy_coef: NonNegative = 0.0
+    kl_coef: NonNegative = 0.1  # weight of the per-token KL penalty to the reference policy
+    adaptive_kl: bool = False  # move kl_coef toward kl_target (Ziegler et al. 2019)
+    kl_target: PositiveFloat = 6.0  # nats per sequence, for the adaptive controller
+    kl_horizon: Positive = 10000
+    ppo_epochs: Positive = 4  # passes over each batch of rollouts
+    max_grad_norm: PositiveFloat = 1.0
     whiten_advantages: bool = True
     dense_rewards: bool = True  # credit each token with its share of the reward, where the reward model has them
+
+    def __post_init__(self):
+        check_bounds(self)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

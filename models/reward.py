@@ -19,12 +19,14 @@ Two heads read the PaLM's final embeddings:
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import Count, Positive, check_bounds
 from models.palm import PaLM
 
 
@@ -44,6 +46,24 @@ def masked_mean(x: Tensor, mask: Tensor | None, dim: int = 1) -> Tensor:
 
 
 HEADS = ("mean-pooled", "per-token")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """The reward model's own architecture beside its PaLM's: what the pipeline's reward stage nests (`reward.head=...`
+    sets it) and what a reward checkpoint's manifest records."""
+
+    num_binned_output: Count = 0  # 0: a scalar head (MSE on ratings); >= 2: rating bins
+    lora_r: Positive = 8
+    head: Literal["mean-pooled", "per-token"] = "mean-pooled"
+    head_hidden: Positive = 64  # the per-token head's MLP width
+
+    def __post_init__(self):
+        check_bounds(self)
+        if self.num_binned_output == 1:
+            raise ValueError("num_binned_output must be 0 (scalar head) or at least 2 bins")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
 
 def token_logprobs(logits: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
@@ -83,6 +103,17 @@ class RewardModel(nn.Module):
         last = self.to_pred if head == "mean-pooled" else self.to_pred[-1]
         nn.init.zeros_(last.bias)
         nn.init.normal_(last.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, palm: PaLM, config: RewardModelConfig | dict) -> "RewardModel":
+        """A reward model on `palm` with the head a config (or a manifest's model_config) describes."""
+        if isinstance(config, dict):
+            config = RewardModelConfig(**{k: config[k] for k in RewardModelConfig.__dataclass_fields__})
+        return cls(palm, **asdict(config))
+
+    @property
+    def config(self) -> RewardModelConfig:
+        return RewardModelConfig(self.num_binned_output, self.lora_r, self.head, self.head_hidden)
 
     @property
     def binned(self) -> bool:

@@ -1,4 +1,4 @@
-"""Training steps and resumable training state.
+"""Training steps, the learning-rate schedule and the random streams a resumed run restores.
 
 Steps take the device and dtype from their arguments (no globals), so DistributedDataParallel can wrap the model and
 the same code runs on CPU (fp32) and GPU (bf16 autocast). The learning-rate schedule is a pure function of the step,
@@ -7,9 +7,7 @@ so a resumed run needs no scheduler state.
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 from contextlib import nullcontext
 
 import torch
@@ -57,43 +55,25 @@ def train_step(loss_fn, params: list[nn.Parameter], optimizer: torch.optim.Optim
     return {"loss": loss.item(), "grad_norm": grad_norm.item(), **{k: float(v) for k, v in extra.items()}}
 
 
-def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Every random state a step can touch: torch's global CPU (and CUDA) RNG, Python's, and named generators."""
-    version, internal, gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": {"version": version, "state": list(internal), "gauss": gauss}}
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Tensor]:
+    """Every random stream a step can draw from, as tensors named `rng.<stream>`: the named generators a stage
+    samples with, and torch's global CPU (and CUDA) streams, which the stages leave alone but a model with dropout
+    would draw from. (Python's `random` is no stream of a step: nothing in a step draws from it.)"""
+    state = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
-    state["generators"] = {name: g.get_state() for name, g in (generators or {}).items()}
+        state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state.update({f"rng.{name}": g.get_state() for name, g in (generators or {}).items()})
     return state
 
 
-def restore_rng(state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def restore_rng(state: dict[str, Tensor], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back what capture_rng took (the CUDA streams only where this machine has them)."""
+    torch.set_rng_state(state["rng.torch"])
+    cuda = [state[k] for k in sorted((k for k in state if k.startswith("rng.cuda.")), key=lambda k: int(k[9:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     for name, g in (generators or {}).items():
-        g.set_state(state["generators"][name])
-
-
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                   generators: dict[str, torch.Generator] | None = None, **extra) -> dict:
-    """A snapshot of everything needed to continue bit-identically: weights, optimiser, step, RNG, extra state.
-
-    Copies, not references: training goes on updating the live tensors in place.
-    """
-    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                          "rng": capture_rng(generators), "extra": extra})
-
-
-def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           generators: dict[str, torch.Generator] | None = None) -> int:
-    """Load what training_state captured; returns the step to continue from."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    restore_rng(state["rng"], generators)
-    return int(state["step"])
+        g.set_state(state[f"rng.{name}"])
 
 
 def finite_or_raise(name: str, value: Tensor | float) -> None:

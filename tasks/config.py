@@ -7,14 +7,17 @@ later stages read it from the checkpoint's manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from typing import Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
-NonNegFloat = Field(ge=0)
-
+from models.palm import PaLMConfig
+from models.ppo import PPOConfig as PPOAlgorithm
+from models.reward import RewardModelConfig
 
 def _positive_number(value) -> bool:
     try:
@@ -34,7 +37,7 @@ class _Config(BaseModel):
 class Runtime(_Config):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda when there is one; cpu, cuda, cuda:1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
-    # Data-parallel training (tasks/distributed.py): nproc_per_node processes on each of nnodes machines.
+    # Data-parallel training (tasks/runtime/launch.py): nproc_per_node processes on each of nnodes machines.
     nproc_per_node: PositiveInt = 1  # one per GPU
     nnodes: PositiveInt = 1
     node_rank: int = Field(0, ge=0)  # this machine's place; node 0 owns the MLflow run and the checkpoints
@@ -66,20 +69,11 @@ def _split_evenly(runtime: Runtime, **sizes: int) -> None:
                              f"x runtime.nnodes = {runtime.world_size}")
 
 
-class ModelSettings(_Config):
-    num_tokens: PositiveInt = 256  # byte-level tokens
-    dim: PositiveInt = 128
-    depth: PositiveInt = 4
-    heads: PositiveInt = 4
-    dim_head: PositiveInt = 32
-    ff_mult: PositiveInt = 4
-    max_seq_len: PositiveInt = 256  # the context: prompts plus responses must fit
-
-
 class PretrainConfig(_Config):
     corpus: str | None = None  # fsspec URL (text, Parquet, JSONL); None: the built-in CPython documentation text
     text_column: str = "text"
-    model: ModelSettings = ModelSettings()
+    # the architecture, set here only: later stages read it from the checkpoint (num_tokens 256: byte tokens)
+    model: PaLMConfig = PaLMConfig(num_tokens=256, dim=128, depth=4, heads=4, dim_head=32, ff_mult=4, max_seq_len=256)
     steps: PositiveInt = 600
     batch_size: PositiveInt = 16
     seq_len: PositiveInt = 128
@@ -97,6 +91,8 @@ class PretrainConfig(_Config):
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) is longer than the model context model.max_seq_len "
                              f"({self.model.max_seq_len})")
+        if not self.model.causal:
+            raise ValueError("model.causal must be true: pretraining predicts each next token from the ones before")
         if self.model.num_tokens < 256:
             raise ValueError(f"model.num_tokens ({self.model.num_tokens}) is too small for byte tokens (256)")
         _split_evenly(self.runtime, batch_size=self.batch_size)
@@ -114,12 +110,10 @@ class RewardConfig(_Config):
     # too, which is where PPO will take the policy (the reward model must know that region, not only T = 1)
     temperature: PositiveFloat | list[PositiveFloat] = [1.0, 0.9, 0.8, 0.7]
     pair_margin: float = Field(1.5, gt=0)  # stars between chosen and rejected: a clear preference
-    num_binned_output: int = Field(0, ge=0)  # ratings: 0 = scalar head (MSE), >= 2 bins (cross-entropy)
-    # per-token: an MLP scores each response token from its embedding and log-likelihood, the reward is their mean;
-    # mean-pooled: the reference's linear head on the mean embedding (models/reward.py says why per-token is better)
-    head: Literal["mean-pooled", "per-token"] = "per-token"
-    head_hidden: PositiveInt = 64
-    lora_r: PositiveInt = 16
+    # the head and LoRA (models.reward.RewardModelConfig): per-token, an MLP scores each response token from its
+    # embedding and log-likelihood and the reward is their mean; mean-pooled, the reference's linear head on the mean
+    # embedding (models/reward.py says why per-token is better). num_binned_output: 0 = scalar head (MSE on ratings)
+    model: RewardModelConfig = RewardModelConfig(num_binned_output=0, lora_r=16, head="per-token", head_hidden=64)
     steps: PositiveInt = 700
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 1e-3
@@ -142,9 +136,7 @@ class RewardConfig(_Config):
         return value
 
     @model_validator(mode="after")
-    def _bins(self):
-        if self.num_binned_output == 1:
-            raise ValueError("num_binned_output must be 0 (scalar head) or at least 2")
+    def _ranks(self):
         _split_evenly(self.runtime, batch_size=self.batch_size)
         return self
 
@@ -158,19 +150,8 @@ class PPOConfig(_Config):
     steps: PositiveInt = 60  # PPO iterations: one batch of rollouts and its update each
     rollout_batch: PositiveInt = 32
     minibatch_size: PositiveInt = 16
-    ppo_epochs: PositiveInt = 2
-    kl_coef: float = Field(0.15, ge=0)
-    adaptive_kl: bool = False
-    kl_target: PositiveFloat = 6.0
-    kl_horizon: PositiveInt = 10000
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_eps: PositiveFloat = 0.2
-    value_clip_eps: PositiveFloat = 0.2
-    value_coef: float = Field(0.5, ge=0)
-    entropy_coef: float = Field(0.0, ge=0)
-    dense_rewards: bool = True  # with a per-token reward model: each token gets its share of the reward, not the end
-    max_grad_norm: PositiveFloat = 1.0
+    # PPO's own hyperparameters (models.ppo.PPOConfig): kl_coef, clip_eps, ppo_epochs, gamma, lam, dense_rewards, ...
+    algorithm: PPOAlgorithm = PPOAlgorithm(ppo_epochs=2, kl_coef=0.15)
     actor_lr: PositiveFloat = 1e-3
     critic_lr: PositiveFloat = 1e-3
     actor_lora: bool = True
@@ -224,14 +205,15 @@ def demo() -> PipelineConfig:
 
 def tiny() -> PipelineConfig:
     """Seconds per stage on CPU: for tests and smoke runs. Numbers mean nothing at this size."""
-    model = ModelSettings(dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
+    model = PaLMConfig(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
     return PipelineConfig(
         pretrain=PretrainConfig(model=model, steps=12, batch_size=4, seq_len=48, warmup_steps=2, eval_every=6,
                                 checkpoint_every=6),
-        reward=RewardConfig(num_prompts=12, samples_per_prompt=3, prompt_chars=16, response_tokens=12, lora_r=4,
-                            steps=8, batch_size=8, checkpoint_every=4),
+        reward=RewardConfig(num_prompts=12, samples_per_prompt=3, prompt_chars=16, response_tokens=12,
+                            model=RewardModelConfig(lora_r=4, head="per-token", head_hidden=64), steps=8, batch_size=8,
+                            checkpoint_every=4),
         ppo=PPOConfig(num_prompts=16, prompt_chars=16, max_new_tokens=12, steps=4, rollout_batch=4, minibatch_size=4,
-                      ppo_epochs=1, lora_r=4, checkpoint_every=2),
+                      algorithm=PPOAlgorithm(ppo_epochs=1, kl_coef=0.15), lora_r=4, checkpoint_every=2),
         eval=EvalConfig(num_prompts=4, prompt_chars=16, max_new_tokens=12, n_values=[1, 4, 16], num_examples=2),
     )
 
@@ -261,35 +243,60 @@ def apply_overrides(config: BaseModel, overrides: list[str] | tuple[str, ...], p
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        path = _runtime_shorthand(type(config), key.split("."))
-        node, model = data, type(config)
+        path = _shorthand(type(config), key.split("."))
+        node, group = data, type(config)
         for depth, part in enumerate(path):
-            fields = model.model_fields
-            if part not in fields:
+            settings = _settings(group)
+            if part not in settings:
                 where = prefix + ".".join(path[:depth]) if depth or prefix else "the config"
-                raise ConfigError(f"unknown setting {prefix + key!r}: {where} has "
-                                  f"{', '.join(sorted(fields))}")
-            annotation = fields[part].annotation
+                raise ConfigError(f"unknown setting {prefix + key!r}: {where} has {', '.join(sorted(settings))}")
             if depth == len(path) - 1:
                 node[part] = _parse_value(raw)
+            elif not _settings(settings[part]):
+                raise ConfigError(f"setting {prefix + '.'.join(path[:depth + 1])!r} has no sub-settings")
             else:
-                if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                    raise ConfigError(f"setting {prefix + '.'.join(path[:depth + 1])!r} has no sub-settings")
-                node, model = node[part], annotation
+                node, group = node[part], settings[part]
     return validate(type(config), data, prefix)
 
 
-def _runtime_shorthand(model: type[BaseModel], path: list[str]) -> list[str]:
-    """`pretrain.nproc_per_node=2` stands for `pretrain.runtime.nproc_per_node=2` (any runtime setting)."""
+def _settings(group) -> dict[str, object]:
+    """A group's settings by name (their types): a config's fields, or a models/ config dataclass's; {} for a value."""
+    if isinstance(group, type) and issubclass(group, BaseModel):
+        return {name: field.annotation for name, field in group.model_fields.items()}
+    if isinstance(group, type) and dataclasses.is_dataclass(group):
+        hints = typing.get_type_hints(group)
+        return {f.name: hints[f.name] for f in dataclasses.fields(group)}
+    return {}
+
+
+def _shorthand(group, path: list[str]) -> list[str]:
+    """A setting of a group nested one level down may be named without it, where no other group has that name:
+    `ppo.kl_coef` is `ppo.algorithm.kl_coef`, `reward.head` is `reward.model.head`, `pretrain.nproc_per_node` is
+    `pretrain.runtime.nproc_per_node`."""
     for part in path[:-1]:
-        field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        group = _settings(group).get(part)
+        if not _settings(group):
             return path
-        model = field.annotation
-    last = path[-1]
-    if last not in model.model_fields and "runtime" in model.model_fields and last in Runtime.model_fields:
-        return [*path[:-1], "runtime", last]
-    return path
+    settings, last = _settings(group), path[-1]
+    if last in settings:
+        return path
+    owners = [name for name, kind in settings.items() if last in _settings(kind)]
+    return [*path[:-1], owners[0], last] if len(owners) == 1 else path
+
+
+def as_params(config: BaseModel) -> dict:
+    """A stage's settings as its MLflow params: the hyperparameter objects that models/ defines (the PaLM and reward
+    model's architecture, PPO's algorithm) are spread at the stage's level, by the names `--set` takes for them
+    (`kl_coef`, `head`, `dim`); runtime settings stay under `runtime.`."""
+    params = config.model_dump(mode="json")
+    for name, kind in _settings(type(config)).items():
+        if dataclasses.is_dataclass(kind):
+            spread = params.pop(name)
+            clash = sorted(spread.keys() & params.keys())
+            if clash:
+                raise ConfigError(f"{type(config).__name__}.{name} repeats the stage's own settings {clash}")
+            params.update(spread)
+    return params
 
 
 def validate(model: type[BaseModel], data: dict, prefix: str = "") -> BaseModel:

@@ -8,21 +8,29 @@ rates it. KL per token to the reference is a Monte-Carlo estimate on the policy'
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import torch
 
 from models.palm import PaLM
 from models.ppo import gather_logprobs
 from models.rlhf import select_best_of_n
-from tasks import tracking
+from prefect.artifacts import create_table_artifact
+
 from tasks.config import EvalConfig
-from tasks.data import make_prompts, read_prompts, text_digest
-from tasks.inputs import (InputError, ModelInput, check_same_base, load_palm, load_policy, load_reward_model,
-                          resolve_input, training_corpus)
-from tasks.labeler import labeler_identity, load_labeler, rate_all
-from tasks.progress import progress_bar
-from tasks.stage import CHAMPION, StageResult, resolve_runtime, run_key, stage_run
-from tasks.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.data.files import text_digest
+from tasks.data.labeler import labeler_identity, load_labeler, rate_all
+from tasks.data.prompts import make_prompts, read_prompts
+from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.runtime.orchestration import compute_task
+from tasks.runtime.progress import progress_bar
+from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key
+from tasks.storage.inputs import (InputError, ModelInput, check_same_base, load_palm, load_policy, load_reward_model,
+                                  resolve_input, training_corpus)
+from tasks.tracking import client as tracking
+from tasks.tracking.artifacts import log_table, log_text, log_text_dataset
+from tasks.tracking.registry import get_alias, set_alias
 
 POLICY_MODEL = "palm-policy"
 
@@ -126,7 +134,7 @@ def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str
 
 
 def champion_input(policy: ModelInput) -> ModelInput | None:
-    version = tracking.get_alias(POLICY_MODEL, CHAMPION)
+    version = get_alias(POLICY_MODEL, CHAMPION)
     if version is None or version == policy.version:
         return None
     return resolve_input(f"models:/{POLICY_MODEL}/{version}", "policy", "champion")
@@ -136,7 +144,7 @@ def promote(policy: ModelInput, pretrained: ModelInput, reward: ModelInput) -> N
     """The winning policy and the registered models it was made from become `champion` together."""
     for model in (pretrained, reward, policy):
         if model.name is not None:
-            tracking.set_alias(model.name, CHAMPION, model.version)
+            set_alias(model.name, CHAMPION, model.version)
 
 
 def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_uri: str, *,
@@ -149,9 +157,9 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
                                    "champion": champion.digest if champion else None, "prompts": prompts_digest,
                                    "oracle": labeler_identity(oracle, config.labeler)})
     device, _ = resolve_runtime(config.runtime)
-    with stage_run("eval", key, config, parent_run_id=parent_run_id, steps=1) as run:
-        tracking.log_text_dataset(run.run_id, name="eval-prompts", source_uri=config.prompts or "corpus:heldout",
-                                  digest=prompts_digest, context="evaluation", preview="\n".join(prompts[:20]))
+    with mlflow_run("eval", key, config, parent_run_id=parent_run_id) as run:
+        log_text_dataset(run.run_id, name="eval-prompts", source_uri=config.prompts or "corpus:heldout",
+                         digest=prompts_digest, context="evaluation", preview="\n".join(prompts[:20]))
         reference = load_palm(pretrained, device).eval()
         rm = load_reward_model(reward, device)
         ac = load_policy(policy, device)
@@ -173,9 +181,9 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
         table = results_table(metrics, list(candidates), config.n_values)
         run.metrics.log(0, **metrics)
         run.metrics.flush()
-        tracking.log_table(run.run_id, table, "eval/results.json")
+        log_table(run.run_id, table, "eval/results.json")
         tracking.get_client().log_figure(run.run_id, rating_plot(table), "plots/rating_vs_n.png")
-        tracking.log_text(run.run_id, examples_text(prompts, per_policy, ratings, config.num_examples),
+        log_text(run.run_id, examples_text(prompts, per_policy, ratings, config.num_examples),
                           "eval/examples.md")
         if promoted and policy.name == POLICY_MODEL:
             promote(policy, pretrained, reward)
@@ -183,3 +191,26 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
                        mlflow_run_id=run.run_id, model_name=policy.name, model_version=policy.version, cached=False,
                        run_key=key, metrics=metrics)
 
+
+
+def eval_rows(metrics: dict[str, float]) -> list[dict]:
+    """One row per policy and n, from metric names like oracle_mean.ppo.best_of_16."""
+    rows = []
+    for key, value in metrics.items():
+        match = re.fullmatch(r"oracle_mean\.(\w+)\.best_of_(\d+)", key)
+        if match:
+            policy, n = match.groups()
+            rows.append({"policy": policy, "n": int(n), "oracle_mean": round(value, 3),
+                         "reward_mean": round(metrics[f"reward_mean.{policy}.best_of_{n}"], 3),
+                         "kl_per_token": round(metrics[f"kl_per_token.{policy}"], 4),
+                         "distinct_2": round(metrics[f"distinct_2.{policy}"], 3)})
+    return sorted(rows, key=lambda r: (r["policy"], r["n"]))
+
+
+@compute_task("eval-best-of-n")
+def eval_task(config: EvalConfig, pretrained: str, reward_model: str, policy: str,
+              parent_run_id: str | None) -> StageResult:
+    result = run_eval(config, pretrained, reward_model, policy, parent_run_id=parent_run_id)
+    create_table_artifact(eval_rows(result.metrics), key="palm-rlhf-eval-results",
+                          description="best-of-n on held-out prompts: oracle rating and reward-model score")
+    return result

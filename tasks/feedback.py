@@ -1,7 +1,7 @@
 """Simulated human feedback: the pretrained policy answers training prompts and a labeler rates the answers.
 
-The tables land in the store as Parquet (ratings, and pairs derived from them), and the reward stage reads them like
-any user's feedback file. The reward model only ever sees these ratings, never the labeler's code.
+The ratings land in the store as Parquet, and the reward stage reads them like any user's feedback file (it derives
+the held-out pairs itself). The reward model only ever sees these ratings, never the labeler's code.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import pandas as pd
 import torch
 
 from tasks.config import RewardConfig
-from tasks.data import make_prompts, pairs_from_ratings, write_feedback
-from tasks.inputs import ModelInput, load_palm
-from tasks.labeler import labeler_identity, load_labeler, rate_all
-from tasks.progress import progress_bar
-from tasks.store import join_uri, store_root
-from tasks.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.data.labeler import labeler_identity, load_labeler, rate_all
+from tasks.data.prompts import make_prompts
+from tasks.data.tables import write_feedback
+from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.runtime.progress import progress_bar
+from tasks.storage.inputs import ModelInput, load_palm
+from tasks.storage.store import join_uri, store_root
 
 
 def feedback_prefix(pretrained: ModelInput, config: RewardConfig, corpus_digest: str, labeler: str) -> str:
-    fields = ("num_prompts", "samples_per_prompt", "prompt_chars", "response_tokens", "temperature",
-              "pair_margin", "seed")
+    fields = ("num_prompts", "samples_per_prompt", "prompt_chars", "response_tokens", "temperature", "seed")
     payload = {"pretrained": pretrained.digest, "corpus": corpus_digest, "labeler": labeler,
                **{f: getattr(config, f) for f in fields}}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -41,7 +41,7 @@ def _done_marker(prefix: str) -> dict | None:
 
 def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text: str, corpus_digest: str,
                       device) -> dict[str, str]:
-    """Write ratings.parquet and pairs.parquet; returns their URIs and digests. Reused when already written."""
+    """Write ratings.parquet; returns its URI, digest and mean rating. Reused when already written."""
     labeler = load_labeler(config.labeler, corpus_text)
     prefix = feedback_prefix(pretrained, config, corpus_digest, labeler_identity(labeler, config.labeler))
     done = _done_marker(prefix)
@@ -72,10 +72,8 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
     ratings = pd.DataFrame({"prompt": rows_prompt, "response": rows_response,
                             "rating": rate_all(labeler, rows_prompt, rows_response),
                             "temperature": rows_temperature})  # kept for people; the reward model never reads it
-    pairs = pairs_from_ratings(ratings, min_margin=config.pair_margin, seed=config.seed)
-    result = {"ratings_uri": join_uri(prefix, "ratings.parquet"), "pairs_uri": join_uri(prefix, "pairs.parquet")}
+    result = {"ratings_uri": join_uri(prefix, "ratings.parquet")}
     result["ratings_digest"] = write_feedback(ratings, result["ratings_uri"])
-    result["pairs_digest"] = write_feedback(pairs, result["pairs_uri"])
     result["mean_rating"] = float(ratings["rating"].mean())
     with fsspec.open(join_uri(prefix, "_SUCCESS.json"), "w") as f:  # written last: the tables are complete
         json.dump(result, f)

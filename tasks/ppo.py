@@ -7,23 +7,25 @@ same thing whatever scale the reward head happened to learn.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
-from models.ppo import PPOConfig as PPOHyperparameters
 from models.rlhf import RLHFTrainer
-from models.training import capture_rng, finite_or_raise, restore_rng
-from tasks import distributed, tracking
+from models.training import capture_rng, restore_rng
 from tasks.config import PPOConfig
-from tasks.data import read_prompts, text_digest
-from tasks.inputs import ModelInput, check_same_base, load_palm, load_reward_model, resolve_input, training_corpus
-from tasks.progress import progress_bar
-from tasks.samples import log_samples
-from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime
-from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
-from tasks.tokens import check_prompts_fit, encode_prompts
+from tasks.data.files import text_digest
+from tasks.data.prompts import make_prompts, read_prompts
+from tasks.data.tokens import check_prompts_fit, encode_prompts
+from tasks.runtime import parallel
+from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimizer_state_dict, train
+from tasks.runtime.orchestration import compute_task
+from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
+from tasks.storage.checkpoints import Checkpoint, CheckpointRef
+from tasks.storage.inputs import (ModelInput, check_same_base, load_palm, load_reward_model, resolve_input,
+                                  training_corpus)
+from tasks.tracking import client as tracking
+from tasks.tracking.artifacts import log_curves, log_text_dataset
+from tasks.tracking.samples import log_samples
 
 MODEL_NAME = "palm-policy"
 
@@ -58,15 +60,10 @@ def policy_model_config(pretrained: ModelInput, config: PPOConfig) -> dict:
 
 
 def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, device) -> RLHFTrainer:
-    hp = PPOHyperparameters(
-        gamma=config.gamma, lam=config.lam, clip_eps=config.clip_eps, value_clip_eps=config.value_clip_eps,
-        value_coef=config.value_coef, entropy_coef=config.entropy_coef, kl_coef=config.kl_coef,
-        adaptive_kl=config.adaptive_kl, kl_target=config.kl_target, kl_horizon=config.kl_horizon,
-        ppo_epochs=config.ppo_epochs, max_grad_norm=config.max_grad_norm, dense_rewards=config.dense_rewards)
     torch.manual_seed(config.seed)  # the LoRA initialisation
     trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
-                          critic_lora=True, lora_r=config.lora_r, ppo=hp, seed=config.seed)
+                          critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed)
     return trainer.to(device)
 
 
@@ -80,7 +77,7 @@ def check_policy_finite(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Ten
 
 
 def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config: PPOConfig,
-             averager: distributed.GradientAverager | None) -> dict[str, float]:
+             averager: parallel.GradientAverager | None) -> dict[str, float]:
     """One PPO iteration. Across ranks, each samples and scores its share of the rollouts from its own stream, the
     KL controller moves on the mean KL over all of them, and the update averages gradients (`averager`), so every
     rank applies the same update. Not the one-process numbers: advantages are whitened per rank, and the samples
@@ -89,78 +86,80 @@ def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config
         return trainer.step(ids, mask, config.max_new_tokens, minibatch_size=config.minibatch_size,
                             temperature=config.temperature)
     seed = int(torch.randint(0, 2**62, (1,), generator=trainer.data_generator))  # a stream saved with checkpoints
-    trainer.generators()["sample"].manual_seed(seed + distributed.rank())
+    trainer.generators()["sample"].manual_seed(seed + parallel.rank())
     kl_before = trainer.kl.state_dict()
     exp, stats = trainer.rollout(ids, mask, config.max_new_tokens, temperature=config.temperature)
-    stats = distributed.mean(stats)
+    stats = parallel.mean(stats)
     trainer.kl.load_state_dict(kl_before)  # rollout() moved it on this rank's KL alone
     trainer.kl.update(stats["kl"], config.rollout_batch)
-    learned = trainer.learn([exp], config.minibatch_size // distributed.world())
+    learned = trainer.learn([exp], config.minibatch_size // parallel.world())
     averager.check()
-    return {**stats, **distributed.mean(learned)}
+    return {**stats, **parallel.mean(learned)}
 
 
-def train(run: StageRun, config: PPOConfig, pretrained: ModelInput, reward: ModelInput, prompts: list[str],
-          prompts_digest: str) -> tuple[CheckpointRef, dict[str, float]]:
-    trainer = make_trainer(config, pretrained, reward, run.device)
-    averager = None
-    if distributed.active():
-        averager = distributed.GradientAverager(p for g in trainer.optimizer.param_groups for p in g["params"])
-    start = 0
-    if run.resume_from is not None:
-        ckpt = load_checkpoint(run.resume_from.uri)
-        trainer.actor_critic.load_state_dict(ckpt.weights)
-        trainer.optimizer.load_state_dict(ckpt.state["optimizer"])
-        trainer.kl.load_state_dict(ckpt.state["kl"])
-        restore_rng(ckpt.state["rng"], trainer.generators())
-        start = ckpt.ref.step
+class PPOTraining:
+    """One step is one PPO iteration: a batch of rollouts from the training prompts, scored and KL-penalised, then
+    `algorithm.ppo_epochs` passes of clipped updates. A checkpoint holds the actor-critic's weights, the optimiser,
+    the KL controller and the prompt and sampling streams, and is taken between iterations: no experience is in
+    flight."""
 
-    parents = [{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
-               {"uri": reward.checkpoint_uri, "digest": reward.digest}]
-    clock, ref, metrics = Throughput(), run.resume_from, {}
-    with progress_bar("ppo", config.steps, start) as show:
-        for step in range(start, config.steps):
-            idx = torch.randint(0, len(prompts), (config.rollout_batch,), generator=trainer.data_generator)
-            ids, mask = encode_prompts([prompts[i] for i in distributed.shard(idx).tolist()])
-            done = step + 1
-            try:  # a non-finite number stops the stage before it is logged or checkpointed
-                stats = ppo_step(trainer, ids.to(run.device), mask.to(run.device), config, averager)
-                for name, value in stats.items():
-                    finite_or_raise(name, value)
-                check_policy_finite(trainer, ids.to(run.device), mask.to(run.device))
-            except FloatingPointError as err:
-                kept = (f"the last good checkpoint, step {ref.step}, is kept: {ref.uri}" if ref
-                        else "no checkpoint was written")
-                raise FloatingPointError(f"ppo stopped at step {done} (actor_lr {config.actor_lr:.3g}): {err}; "
-                                         f"{kept}") from None
-            metrics = {**stats, "tokens_per_s": clock.rate(stats["response_length"] * config.rollout_batch)}
-            run.metrics.log(done, **metrics)
-            show(done, reward=stats["reward"], kl=stats["kl"])
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
-                if distributed.is_main():
-                    ref = save_checkpoint(
-                        run.prefix, done, trainer.actor_critic.state_dict(), kind="policy",
-                        model_config=policy_model_config(pretrained, config),
-                        stage_config=config.model_dump(mode="json"), parents=parents, data={"prompts": prompts_digest},
-                        extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
-                               "metrics": {k: v for k, v in metrics.items() if k != "tokens_per_s"}},
-                        state={"optimizer": trainer.optimizer.state_dict(), "kl": trainer.kl.state_dict(),
-                               "rng": capture_rng(trainer.generators())})
-                distributed.barrier()
-    run.metrics.flush()
-    if not distributed.is_main():  # rank 0 reports; the stage returns its result
-        return ref, {}
-    log_curves(run, ["reward", "kl"], "PPO: reward and KL to the reference", "plots/ppo.png")
-    log_samples(run.run_id, trainer.actor_critic.palm, scope=trainer.actor_critic.actor_scope, device=run.device,
-                max_new_tokens=config.max_new_tokens, prompts=prompts[:4], seed=config.seed)
-    final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
-    return ref, {k: final[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in final}
+    shown = ("reward", "kl")
+    may_be_nan = frozenset()
+
+    def __init__(self, config: PPOConfig, pretrained: ModelInput, reward: ModelInput, prompts: list[str],
+                 prompts_digest: str):
+        self.config, self.pretrained, self.reward = config, pretrained, reward
+        self.prompts, self.prompts_digest = prompts, prompts_digest
+        self.steps, self.checkpoint_every = config.steps, config.checkpoint_every
+
+    def start(self, run: StageRun, resumed: Checkpoint | None) -> None:
+        self.device = run.device
+        self.trainer = make_trainer(self.config, self.pretrained, self.reward, run.device)
+        self.averager = None
+        if parallel.active():
+            self.averager = parallel.GradientAverager(p for g in self.trainer.optimizer.param_groups
+                                                      for p in g["params"])
+        if resumed is not None:
+            self.trainer.actor_critic.load_state_dict(resumed.weights)
+            self.trainer.optimizer.load_state_dict(optimizer_state_dict(resumed.state))
+            self.trainer.kl.load_state_dict(resumed.state["kl"])
+            restore_rng(resumed.state, self.trainer.generators())
+        self.clock = Throughput()
+
+    def describe(self, step: int) -> str:
+        return f"actor_lr {self.config.actor_lr:.3g}"
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.config
+        idx = torch.randint(0, len(self.prompts), (cfg.rollout_batch,), generator=self.trainer.data_generator)
+        ids, mask = encode_prompts([self.prompts[i] for i in parallel.shard(idx).tolist()])
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        stats = ppo_step(self.trainer, ids, mask, cfg, self.averager)
+        check_finite(stats)  # a number that went wrong says so before the weights it came from are looked at
+        check_policy_finite(self.trainer, ids, mask)
+        return {**stats, "tokens_per_s": self.clock.rate(stats["response_length"] * cfg.rollout_batch)}
+
+    def checkpoint(self) -> dict:
+        trainer, pretrained, reward = self.trainer, self.pretrained, self.reward
+        state = {**optimizer_state(trainer.optimizer), **capture_rng(trainer.generators()),
+                 "kl": trainer.kl.state_dict()}
+        return dict(weights=trainer.actor_critic.state_dict(), state=state, kind="policy",
+                    model_config=policy_model_config(pretrained, self.config),
+                    parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
+                             {"uri": reward.checkpoint_uri, "digest": reward.digest}],
+                    data={"prompts": self.prompts_digest},
+                    extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}})
+
+    def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
+        log_curves(run.run_id, run.metrics.history, ["reward", "kl"], "PPO: reward and KL to the reference",
+                   "plots/ppo.png")
+        ac = self.trainer.actor_critic
+        log_samples(run.run_id, ac.palm, scope=ac.actor_scope, device=run.device,
+                    max_new_tokens=self.config.max_new_tokens, prompts=self.prompts[:4], seed=self.config.seed)
+        return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in metrics}
 
 
 def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
-    from tasks.data import make_prompts
-
     if config.prompts:
         return read_prompts(config.prompts)
     corpus_text, _ = training_corpus(pretrained)
@@ -186,12 +185,18 @@ def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
     tracking.check_tracking()
 
     def log_inputs(run_id: str) -> None:
-        tracking.log_text_dataset(run_id, name="ppo-prompts", source_uri=config.prompts or "corpus:train-prompts",
-                                  digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
+        log_text_dataset(run_id, name="ppo-prompts", source_uri=config.prompts or "corpus:train-prompts",
+                         digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
 
     lineage = {"parent.pretrained": pretrained.ref, "parent.reward": reward.ref, "data.prompts": prompts_digest}
-    return distributed.execute(
-        "ppo", config, inputs={"pretrained": pretrained.digest, "reward": reward.digest, "prompts": prompts_digest},
-        model_name=MODEL_NAME, lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs,
-        train_fn=partial(train, config=config, pretrained=pretrained, reward=reward, prompts=prompts,
-                         prompts_digest=prompts_digest))
+    with stage_run("ppo", config, inputs={"pretrained": pretrained.digest, "reward": reward.digest,
+                                          "prompts": prompts_digest},
+                   model_name=MODEL_NAME, lineage=lineage, parent_run_id=parent_run_id, log_inputs=log_inputs) as run:
+        if not run.cached:
+            run.trained(*train(run, PPOTraining(config, pretrained, reward, prompts, prompts_digest)))
+    return run.result
+
+
+@compute_task("ppo-train")
+def ppo_task(config: PPOConfig, pretrained: str, reward_model: str, parent_run_id: str | None) -> StageResult:
+    return run_ppo(config, pretrained, reward_model, parent_run_id=parent_run_id)

@@ -9,25 +9,30 @@ shapes (for ratings, over pairs derived from the held-out ratings), plus the rat
 from __future__ import annotations
 
 import hashlib
-import math
-from functools import partial
+from dataclasses import asdict
 
 import pandas as pd
 import torch
 
 from models.palm import PaLM
-from models.training import capture_rng, finite_or_raise, lr_at, set_lr, train_step
-from tasks import distributed, tracking
+from models.reward import RewardModel
+from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks.config import RewardConfig
-from tasks.data import FeedbackTable, make_prompts, pairs_from_ratings, read_feedback
+from tasks.data.labeler import load_labeler
+from tasks.data.prompts import make_prompts
+from tasks.data.tables import FeedbackTable, pairs_from_ratings, read_feedback
+from tasks.data.tokens import check_prompts_fit, encode_dialogues
 from tasks.feedback import simulate_feedback
-from tasks.inputs import ModelInput, build_reward_model, load_palm, resolve_input, training_corpus
-from tasks.labeler import load_labeler
-from tasks.progress import progress_bar
 from tasks.redact import redact_uri
-from tasks.stage import StageResult, StageRun, Throughput, log_curves, resolve_runtime, resume_into
-from tasks.store import CheckpointRef, load_checkpoint, save_checkpoint
-from tasks.tokens import check_prompts_fit, encode_dialogues
+from tasks.runtime import parallel
+from tasks.runtime.loop import Throughput, optimizer_state, optimizer_state_dict, train
+from tasks.runtime.orchestration import compute_task
+from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
+from tasks.storage.checkpoints import Checkpoint, CheckpointRef
+from tasks.storage.inputs import ModelInput, load_palm, resolve_input, training_corpus
+from tasks.tracking import client as tracking
+from tasks.tracking.artifacts import log_curves, log_frame_dataset, log_table
+from tasks.tracking.runs import log_params
 
 MODEL_NAME = "palm-reward"
 MIN_RATING, MAX_RATING = 1.0, 5.0
@@ -68,7 +73,7 @@ def heldout_metrics(rm, table: FeedbackTable, heldout: pd.DataFrame, config: Rew
     metrics = {}
     if table.kind == "ratings":
         scores = score_texts(rm, list(heldout["prompt"]), list(heldout["response"]), context, device)
-        stars = _to_stars(scores, config.num_binned_output)
+        stars = _to_stars(scores, config.model.num_binned_output)
         truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
         metrics["heldout_rating_rmse"] = float(((stars - truth) ** 2).mean().sqrt())
         pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin, seed=config.seed)
@@ -97,87 +102,89 @@ def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, context: int, devi
     return loss, {"accuracy": accuracy}
 
 
-def head_config(config: RewardConfig) -> dict:
-    """The reward model's own architecture, as its checkpoint's manifest records it (beside the PaLM's)."""
-    return {"num_binned_output": config.num_binned_output, "lora_r": config.lora_r, "head": config.head,
-            "head_hidden": config.head_hidden}
+class RewardFitting:
+    """One step: a batch of feedback rows (ratings or pairs), its loss through the reward model's LoRA scope and head,
+    AdamW with warmup and cosine decay. At each checkpoint the held-out prompts' pair accuracy (and rating RMSE) is
+    measured; the last one also records the mean and spread of the scores on the training responses, which PPO
+    standardises with."""
 
+    shown = ("loss", "heldout_pair_accuracy")
+    may_be_nan = frozenset({"heldout_pair_accuracy"})  # undefined when every held-out rating ties
 
-def train(run: StageRun, config: RewardConfig, pretrained: ModelInput, table: FeedbackTable,
-          feedback_uri: str) -> tuple[CheckpointRef, dict[str, float]]:
-    context = pretrained.palm_config["max_seq_len"]
-    train_rows, heldout = split_by_prompt(table.frame, config.heldout_fraction)
-    palm = load_palm(pretrained, "cpu")
-    torch.manual_seed(config.seed)  # the LoRA and head initialisation
-    rm = build_reward_model(palm, head_config(config))
-    rm = rm.to(run.device)
-    for p in rm.palm.base_parameters():
-        p.requires_grad_(False)
-    data_rng = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
-    start, ckpt = resume_into(run, rm, {"data": data_rng})
-    # DDP or FSDP across ranks; in one process, _batch_loss(rm, ...) itself
-    batch_loss = distributed.data_parallel(distributed.LossModule(rm, _batch_loss), config.runtime)
-    params = rm.finetune_parameters()  # after FSDP, which replaces the parameters it shards
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    if ckpt is not None:
-        distributed.load_optimizer_state(rm, optimizer, ckpt.state["optimizer"])
+    def __init__(self, config: RewardConfig, pretrained: ModelInput, table: FeedbackTable, feedback_uri: str):
+        self.config, self.pretrained, self.table, self.feedback_uri = config, pretrained, table, feedback_uri
+        self.steps, self.checkpoint_every = config.steps, config.checkpoint_every
+        self.context = pretrained.palm_config["max_seq_len"]
+        self.model_config = {"palm": pretrained.palm_config, **asdict(config.model)}
 
-    model_config = {"palm": pretrained.palm_config, **head_config(config)}
-    clock, ref, metrics = Throughput(), run.resume_from, {}
-    with progress_bar("reward", config.steps, start) as show:
-        for step in range(start, config.steps):
-            lr = lr_at(step, lr=config.lr, warmup_steps=min(20, config.steps // 10), total_steps=config.steps)
-            set_lr(optimizer, lr)
-            idx = distributed.shard(torch.randint(0, len(train_rows), (config.batch_size,), generator=data_rng))
-            rows = train_rows.iloc[idx.tolist()]
-            done, last = step + 1, step + 1 == config.steps
-            try:  # a non-finite number stops the stage before it is logged or checkpointed
-                stats = train_step(distributed.global_loss(
-                    lambda: batch_loss(rows, table.kind, config.num_binned_output, context, run.device)),
-                    params, optimizer, device=run.device, amp_dtype=run.amp_dtype)
-                metrics = {"loss": stats["loss"], "lr": lr, "examples_per_s": clock.rate(config.batch_size)}
-                if "accuracy" in stats:
-                    metrics["train_pair_accuracy"] = stats["accuracy"]
-                if done % config.checkpoint_every == 0 or last:
-                    with distributed.gathered(batch_loss):  # every rank evaluates: FSDP gathers collectively
-                        metrics.update(heldout_metrics(rm, table, heldout, config, context, run.device))
-                    extra = {"feedback": {"uri": feedback_uri, "digest": table.digest, "kind": table.kind},
-                             "metrics": {k: v for k, v in metrics.items()
-                                         if k != "examples_per_s" and math.isfinite(v)}}
-                if last:
-                    with distributed.gathered(batch_loss):
-                        scores = score_texts(rm, *_all_texts(train_rows, table.kind), context, run.device)
-                    extra["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
-                    finite_or_raise("the mean reward-model score", extra["score_norm"]["mean"])
-                for name in ("loss", "heldout_rating_rmse"):  # pair accuracy is NaN when no held-out pair exists
-                    finite_or_raise(name, metrics.get(name, 0.0))
-            except FloatingPointError as err:
-                kept = (f"the last good checkpoint, step {ref.step}, is kept: {ref.uri}" if ref
-                        else "no checkpoint was written")
-                raise FloatingPointError(f"reward stopped at step {done} (lr {lr:.3g}): {err}; {kept}") from None
-            run.metrics.log(done, **metrics)
-            show(done, loss=stats["loss"], **{k: v for k, v in metrics.items() if k.startswith("heldout_pair")})
-            if done % config.checkpoint_every == 0 or last:
-                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
-                weights, optimizer_state = distributed.full_state(rm, optimizer)
-                if distributed.is_main():
-                    ref = save_checkpoint(run.prefix, done, weights, kind="reward", model_config=model_config,
-                                          stage_config=config.model_dump(mode="json"),
-                                          parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
-                                          data={"feedback": table.digest}, extra=extra,
-                                          state={"optimizer": optimizer_state, "rng": capture_rng({"data": data_rng})})
-                distributed.barrier()
-    run.metrics.flush()
-    scorer, score_device = distributed.plain_copy(
-        rm, lambda: build_reward_model(PaLM.from_config(pretrained.palm_config), model_config))
-    if not distributed.is_main():  # rank 0 reports; the stage returns its result
-        return ref, {}
-    final = load_checkpoint(ref.uri, load_state=False).manifest["metrics"]
-    log_curves(run, ["loss", "heldout_pair_accuracy"], "reward model", "plots/reward.png")
-    log_scored_examples(run.run_id, scorer, heldout.head(16), table.kind, context, score_device)
-    headline = {"heldout_pair_accuracy": float("nan")}  # stays NaN when no held-out pair exists (all ratings tied)
-    headline.update({k: v for k, v in final.items() if k.startswith("heldout_") or k == "loss"})
-    return ref, headline
+    def start(self, run: StageRun, resumed: Checkpoint | None) -> None:
+        self.train_rows, self.heldout = split_by_prompt(self.table.frame, self.config.heldout_fraction)
+        palm = load_palm(self.pretrained, "cpu")
+        torch.manual_seed(self.config.seed)  # the LoRA and head initialisation
+        self.rm = RewardModel.from_config(palm, self.config.model).to(run.device)
+        for p in self.rm.palm.base_parameters():
+            p.requires_grad_(False)
+        self.device, self.amp = run.device, run.amp_dtype
+        self.data_rng = torch.Generator().manual_seed(self.config.seed)  # the same global batches on every rank
+        if resumed is not None:  # whole weights, before FSDP shards them
+            self.rm.load_state_dict(resumed.weights)
+            restore_rng(resumed.state, {"data": self.data_rng})
+        # DDP or FSDP across ranks; in one process, _batch_loss(rm, ...) itself
+        self.batch_loss = parallel.data_parallel(parallel.LossModule(self.rm, _batch_loss), self.config.runtime)
+        self.params = self.rm.finetune_parameters()  # after FSDP, which replaces the parameters it shards
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0)
+        if resumed is not None:
+            parallel.load_optimizer_state(self.rm, self.optimizer, optimizer_state_dict(resumed.state))
+        self.clock, self.records = Throughput(), {}
+
+    def lr(self, step: int) -> float:
+        cfg = self.config
+        return lr_at(step, lr=cfg.lr, warmup_steps=min(20, cfg.steps // 10), total_steps=cfg.steps)
+
+    def describe(self, step: int) -> str:
+        return f"lr {self.lr(step):.3g}"
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, done = self.config, step + 1
+        set_lr(self.optimizer, self.lr(step))
+        idx = parallel.shard(torch.randint(0, len(self.train_rows), (cfg.batch_size,), generator=self.data_rng))
+        rows = self.train_rows.iloc[idx.tolist()]
+        stats = train_step(parallel.global_loss(
+            lambda: self.batch_loss(rows, self.table.kind, cfg.model.num_binned_output, self.context, self.device)),
+            self.params, self.optimizer, device=self.device, amp_dtype=self.amp)
+        metrics = {"loss": stats["loss"], "lr": self.lr(step), "examples_per_s": self.clock.rate(cfg.batch_size)}
+        if "accuracy" in stats:
+            metrics["train_pair_accuracy"] = stats["accuracy"]
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            with parallel.gathered(self.batch_loss):  # every rank evaluates: FSDP gathers collectively
+                metrics.update(heldout_metrics(self.rm, self.table, self.heldout, cfg, self.context, self.device))
+        if done == cfg.steps:
+            with parallel.gathered(self.batch_loss):
+                scores = score_texts(self.rm, *_all_texts(self.train_rows, self.table.kind), self.context, self.device)
+            self.records["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
+            finite_or_raise("the mean reward-model score", self.records["score_norm"]["mean"])
+        return metrics
+
+    def checkpoint(self) -> dict:
+        weights, optimizer = parallel.full_state(self.rm, self.optimizer)
+        pretrained = self.pretrained
+        return dict(weights=weights, state={**optimizer_state(optimizer), **capture_rng({"data": self.data_rng})},
+                    kind="reward", model_config=self.model_config,
+                    parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
+                    data={"feedback": self.table.digest},
+                    extra={"feedback": {"uri": self.feedback_uri, "digest": self.table.digest,
+                                        "kind": self.table.kind}, **self.records})
+
+    def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
+        scorer, device = parallel.plain_copy(
+            self.rm, lambda: RewardModel.from_config(PaLM.from_config(self.pretrained.palm_config), self.config.model),
+            ref)
+        log_curves(run.run_id, run.metrics.history, ["loss", "heldout_pair_accuracy"], "reward model",
+                   "plots/reward.png")
+        log_scored_examples(run.run_id, scorer, self.heldout.head(16), self.table.kind, self.context, device)
+        headline = {"heldout_pair_accuracy": float("nan")}  # stays NaN when no held-out pair exists (all ratings tied)
+        headline.update({k: v for k, v in metrics.items() if k.startswith("heldout_") or k == "loss"})
+        return headline
 
 
 def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, context: int, device) -> None:
@@ -189,7 +196,7 @@ def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, context:
     else:
         for side in ("chosen", "rejected"):
             rows[f"score_{side}"] = score_texts(rm, list(rows["prompt"]), list(rows[side]), context, device).tolist()
-    tracking.log_table(run_id, rows, "samples/heldout_scored.json")
+    log_table(run_id, rows, "samples/heldout_scored.json")
 
 
 def _all_texts(rows: pd.DataFrame, kind: str) -> tuple[list[str], list[str]]:
@@ -239,13 +246,19 @@ def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str 
         _check_split(table.frame, config, f"feedback {feedback_uri}")
 
     def log_inputs(run_id: str) -> None:
-        tracking.log_frame_dataset(run_id, table.frame, name=f"feedback-{table.kind}", source_uri=feedback_uri,
-                                   digest=table.digest, context="training")
+        log_frame_dataset(run_id, table.frame, name=f"feedback-{table.kind}", source_uri=feedback_uri,
+                          digest=table.digest, context="training")
         if simulated:
-            tracking.log_params(run_id, {"feedback.simulated_mean_rating": round(simulated["mean_rating"], 4)})
+            log_params(run_id, {"feedback.simulated_mean_rating": round(simulated["mean_rating"], 4)})
 
-    lineage = {"parent.pretrained": pretrained.ref, "data.feedback": table.digest}
-    return distributed.execute("reward", config, inputs={"pretrained": pretrained.digest, "feedback": table.digest},
-                               model_name=MODEL_NAME, lineage=lineage, parent_run_id=parent_run_id,
-                               train_fn=partial(train, config=config, pretrained=pretrained, table=table,
-                                                feedback_uri=feedback_uri), log_inputs=log_inputs)
+    with stage_run("reward", config, inputs={"pretrained": pretrained.digest, "feedback": table.digest},
+                   model_name=MODEL_NAME, lineage={"parent.pretrained": pretrained.ref, "data.feedback": table.digest},
+                   parent_run_id=parent_run_id, log_inputs=log_inputs) as run:
+        if not run.cached:
+            run.trained(*train(run, RewardFitting(config, pretrained, table, feedback_uri)))
+    return run.result
+
+
+@compute_task("reward-fit")
+def reward_task(config: RewardConfig, pretrained: str, parent_run_id: str | None) -> StageResult:
+    return run_reward(config, pretrained, parent_run_id=parent_run_id)

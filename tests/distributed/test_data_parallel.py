@@ -21,7 +21,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tasks.store import latest_checkpoint
+from tasks.storage.checkpoints import latest_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
-from tasks.lineage import format_lineage, lineage
-from tasks.store import read_manifest, verify_checkpoint
+from tasks.tracking import client as tracking
+from tasks.tracking.registry import get_alias
+from tasks.tracking.lineage import format_lineage, lineage
+from tasks.storage.checkpoints import read_manifest, verify_checkpoint
 
 STAGES = ("pretrain", "reward", "ppo", "eval")
 pytestmark = pytest.mark.timeout(900)
@@ -119,8 +120,8 @@ def test_registry_lineage_tags_and_aliases(first_run, local_tracking):
     assert tags["checkpoint_uri"] == first_run["ppo"]["checkpoint_uri"]
     assert tags["checkpoint_digest"] == first_run["ppo"]["digest"]
     assert tags["data.prompts"].startswith("sha256:") and tags["code_version"] and tags["prefect.flow_run_id"]
-    assert tracking.get_alias("palm-policy", "candidate") == first_run["ppo"]["model_version"]
-    assert tracking.get_alias("palm-policy", "champion") == first_run["ppo"]["model_version"]  # the first one wins
+    assert get_alias("palm-policy", "candidate") == first_run["ppo"]["model_version"]
+    assert get_alias("palm-policy", "champion") == first_run["ppo"]["model_version"]  # the first one wins
 
     text = format_lineage(lineage("models:/palm-policy@candidate"))
     assert "palm-pretrained" in text and "palm-reward" in text
@@ -152,4 +153,4 @@ def test_stage_rerun_from_registry_uris(first_run, home, local_tracking):
     tags = local_tracking.get_model_version("palm-policy", result["model_version"]).tags
     assert tags["parent.pretrained"] == f"palm-pretrained/{first_run['pretrain']['model_version']}"
     assert tags["parent.reward"] == f"palm-reward/{first_run['reward']['model_version']}"
-    assert tracking.get_alias("palm-policy", "candidate") == result["model_version"]
+    assert get_alias("palm-policy", "candidate") == result["model_version"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import tracking
-from tasks.lineage import lineage
+from tasks.tracking import client as tracking
+from tasks.tracking.lineage import lineage
 from tasks.redact import redact
-from tasks.store import read_manifest, verify_checkpoint
+from tasks.storage.checkpoints import read_manifest, verify_checkpoint
 from tests.production.conftest import MODELS, SHORT, STAGES, read_summary, stage_checkpoints
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(900)]

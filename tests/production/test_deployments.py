@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
+from tasks.tracking import client as tracking
+from tasks.tracking.registry import get_alias, resolve_model_uri
 from tasks.config import tiny
 from tasks.redact import redact
 from tests.production.conftest import MODELS, REPO, SHORT, STAGES, wait_for
@@ -151,7 +152,7 @@ def stage_rerun(scheduled_run, worker, production):
     from prefect.deployments import run_deployment
 
     inputs = {"pretrained": "models:/palm-pretrained@champion", "reward_model": "models:/palm-reward@champion"}
-    pinned = {role: tracking.resolve_model_uri(uri)["version"] for role, uri in inputs.items()}
+    pinned = {role: resolve_model_uri(uri)["version"] for role, uri in inputs.items()}
     config = tiny().ppo.model_copy(update={"seed": 7}).model_dump(mode="json")
     with production.api():
         run = run_deployment("ppo/palm-rlhf-ppo", parameters={**inputs, "config": config}, timeout=600)
@@ -166,7 +167,7 @@ def test_stage_rerun_registers_a_policy_whose_lineage_names_its_inputs(stage_rer
     policy, pinned = stage_rerun
     assert policy.tags["parent.pretrained"] == f"palm-pretrained/{pinned['pretrained']}"
     assert policy.tags["parent.reward"] == f"palm-reward/{pinned['reward_model']}"
-    assert tracking.get_alias("palm-policy", "candidate") == policy.version
+    assert get_alias("palm-policy", "candidate") == policy.version
     assert tracking.get_client().get_run(policy.run_id).data.params["seed"] == "7"
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
+from tasks.tracking import client as tracking
 from tasks.config import tiny
-from tasks.store import list_checkpoints, read_manifest, verify_checkpoint
+from tasks.storage.checkpoints import list_checkpoints, read_manifest, verify_checkpoint
 from tests.production.conftest import MODELS, STAGES, read_summary, run_artifacts, stage_checkpoints
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(900)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.stage import StageResult
+from tasks.runtime.stage import StageResult
 
 # Two steps each: enough for every file a stage writes, cheap enough to build for every session.
 TINY = ["pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.eval_every=2",
@@ -59,8 +59,7 @@ def footprint(home: Path) -> dict:
     """What a stage could leave behind: files in the store, MLflow runs, registered model versions."""
     from mlflow.entities import ViewType
 
-    from tasks import tracking
-
+    from tasks.tracking import client as tracking
     store = home / "store"
     files = sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
     client = tracking.get_client()

@@ -30,7 +30,7 @@ SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
 def write_inputs(root: Path, ws) -> dict[str, str]:
     """Files and checkpoints a user might hand the pipeline by mistake."""
     from models.palm import PaLM
-    from tasks.store import read_manifest, save_checkpoint
+    from tasks.storage.checkpoints import read_manifest, save_checkpoint
 
     root.mkdir()
     files = {"empty": "", "small": "A corpus of one short line.\n", "no_prompts": "\n \n"}

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from tasks import tracking
-from tasks.stage import CANDIDATE, CHAMPION, LEASE_FILE, RUN_KEY_TAG, RunLease
-from tasks.store import list_checkpoints, verify_checkpoint
+from tasks.tracking import client as tracking
+from tasks.tracking.registry import get_alias
+from tasks.runtime.lease import LEASE_FILE, RunLease
+from tasks.runtime.stage import CANDIDATE, CHAMPION, RUN_KEY_TAG
+from tasks.storage.checkpoints import list_checkpoints, verify_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,7 +48,7 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
         for key, value in {**mlflow_server.env, "PALM_RLHF_STORE": env["PALM_RLHF_STORE"]}.items():
             here.setenv(key, value)
         s3fs.S3FileSystem.clear_instance_cache()
-        champions_before = {name: tracking.get_alias(name, CHAMPION) for name in MODELS.values()}
+        champions_before = {name: get_alias(name, CHAMPION) for name in MODELS.values()}
         commands = {
             "pipeline": ["run", *ARGS],
             "same": ["stage", "pretrain", *ARGS],
@@ -106,12 +108,12 @@ def test_candidate_is_the_newest_and_champion_moves_only_on_an_eval_win(race):
     results, _, champions_before, _ = race
     pipeline, other = results["pipeline"], results["other"]["pretrain"]
     newest = max(int(pipeline["pretrain"]["model_version"]), int(other["model_version"]))
-    assert tracking.get_alias("palm-pretrained", CANDIDATE) == str(newest)
+    assert get_alias("palm-pretrained", CANDIDATE) == str(newest)
     won = pipeline["eval"]["metrics"]["promoted"] == 1.0
     for stage, name in MODELS.items():
         expected = pipeline[stage]["model_version"] if won else champions_before[name]
-        assert tracking.get_alias(name, CHAMPION) == expected, name
-    assert tracking.get_alias("palm-pretrained", CHAMPION) != other["model_version"], "a stage rerun never wins"
+        assert get_alias(name, CHAMPION) == expected, name
+    assert get_alias("palm-pretrained", CHAMPION) != other["model_version"], "a stage rerun never wins"
 
 
 # ---------------------------------------------------------------- leases left behind
@@ -133,7 +135,7 @@ def test_a_lease_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
 
 
 def test_a_lease_of_another_host_is_taken_over_only_once_it_expires(tmp_path):
-    from tasks.stage import _abandoned
+    from tasks.runtime.lease import _abandoned
 
     alive = {"owner": "someone", "host": "another-host", "pid": 1}
     assert not _abandoned({**alive, "expires_at": time.time() + 30})

@@ -12,7 +12,7 @@ from flows.cli import main
 from tasks.config import apply_overrides, tiny
 from tasks.ppo import run_ppo
 from tasks.reward import run_reward
-from tasks.store import CheckpointError
+from tasks.storage.store import CheckpointError
 from tests.reliability import copy_checkpoint, footprint, stderr_line, use_home, workspace
 
 
@@ -91,15 +91,16 @@ def test_ppo_stage_refuses_a_damaged_reward_model(ws, tmp_path):
 
 def test_a_registered_model_whose_checkpoint_changed_is_refused(ws, tmp_path):
     """The registry records a digest; a checkpoint replaced behind its back is not the model that was registered."""
-    from tasks import tracking
-    from tasks.inputs import InputError
+    from tasks.tracking import client as tracking
+    from tasks.tracking.registry import register_checkpoint
+    from tasks.storage.inputs import InputError
 
     folder = Path(ws.pretrained.checkpoint_uri.removeprefix("file://"))
     manifest = json.loads((folder / "manifest.json").read_text())
     version = tracking.get_client().get_model_version("palm-pretrained", ws.pretrained.model_version)
     assert version.tags["checkpoint_digest"] == manifest["digest"]
     # Register a second version that names the same checkpoint under another digest, as if it had been swapped.
-    other = tracking.register_checkpoint("palm-pretrained", checkpoint_uri=ws.pretrained.checkpoint_uri,
+    other = register_checkpoint("palm-pretrained", checkpoint_uri=ws.pretrained.checkpoint_uri,
                                          digest="sha256:" + "0" * 64, run_id=ws.pretrained.mlflow_run_id, lineage={})
     before = footprint(ws.home)
     with pytest.raises(InputError, match="the registry says digest sha256:0+ but the checkpoint"):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import tracking
+from tasks.tracking import client as tracking
 from tasks.config import apply_overrides, tiny
 from tasks.ppo import run_ppo
 from tasks.pretrain import run_pretrain
 from tasks.reward import run_reward
-from tasks.stage import STAGE_TAG
-from tasks.store import list_checkpoints, load_checkpoint
+from tasks.runtime.stage import STAGE_TAG
+from tasks.storage.checkpoints import list_checkpoints, load_checkpoint
 from tests.reliability import footprint, use_home, workspace
 
 

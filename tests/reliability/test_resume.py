@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import latest_checkpoint, list_checkpoints
+from tasks.storage.checkpoints import latest_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -161,8 +161,7 @@ def interrupted(tmp_path_factory, reference) -> dict:
 
 
 def logged_steps(home: Path, run_id: str, metric: str, monkeypatch) -> list[int]:
-    from tasks import tracking
-
+    from tasks.tracking import client as tracking
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PALM_RLHF_HOME", str(home))
     return sorted((m.step, m.value) for m in tracking.get_client().get_metric_history(run_id, metric))

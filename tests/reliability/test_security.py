@@ -23,7 +23,7 @@ import pytest
 import s3fs
 import torch
 
-from tasks.store import CheckpointError
+from tasks.storage.store import CheckpointError
 from tests.reliability import copy_checkpoint, footprint, use_home, workspace
 from tests.servers import prefect_api
 
@@ -64,7 +64,7 @@ def test_the_payload_is_live_and_weights_only_loading_stops_it(tmp_path):
 
 # Pickles that never touch stored state: what a module hands between its own processes, just written, in a
 # private temporary folder.
-OWN_PROCESS_PICKLES = {"tasks/distributed.py"}
+OWN_PROCESS_PICKLES = {"tasks/runtime/launch.py"}
 
 
 def test_no_code_path_unpickles_stored_state():

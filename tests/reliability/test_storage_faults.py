@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from tasks.store import CheckpointError, list_checkpoints, verify_checkpoint
+from tasks.storage.checkpoints import list_checkpoints, verify_checkpoint
+from tasks.storage.store import CheckpointError
 from tests.reliability.faultproxy import FaultPlan, FaultProxy
 from tests.servers import prefect_api
 
@@ -169,8 +170,7 @@ def fast_pretrain_config():
 
 
 def stage_runs(store: str) -> list:
-    from tasks import tracking
-
+    from tasks.tracking import client as tracking
     return tracking.get_client().search_runs(
         [tracking.experiment_id()], filter_string=f"tags.checkpoint_prefix LIKE '{store}/%'")
 
@@ -188,9 +188,9 @@ def test_store_down_at_start_fails_before_tracking_or_compute(down_store, s3_ser
 
 
 def test_store_down_mid_stage_leaves_only_complete_checkpoints_and_a_rerun_resumes(down_store, s3_server):
-    from tasks import tracking
+    from tasks.tracking import client as tracking
     from tasks.pretrain import run_pretrain
-    from tasks.stage import RUN_KEY_TAG
+    from tasks.runtime.stage import RUN_KEY_TAG
 
     proxy, store = down_store
     config = fast_pretrain_config()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
-from tasks.store import list_checkpoints, verify_checkpoint
+from tasks.runtime import loop
+from tasks.storage.checkpoints import list_checkpoints, verify_checkpoint
+from tasks.tracking import client as tracking
 from tests.servers import free_port, launch_mlflow
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(600)]
@@ -101,7 +102,7 @@ def test_mlflow_lost_mid_stage_keeps_training_and_a_rerun_completes_the_run(own_
     own_tracking.use(monkeypatch)
     config = apply_overrides(tiny(), FAST).pretrain
     saved = []
-    original = pretrain.save_checkpoint
+    original = loop.save_checkpoint  # the one training loop writes every stage's checkpoints
 
     def save_then_lose_tracking(*args, **kwargs):
         ref = original(*args, **kwargs)
@@ -110,7 +111,7 @@ def test_mlflow_lost_mid_stage_keeps_training_and_a_rerun_completes_the_run(own_
             own_tracking.restart()  # the server dies between two checkpoints; its successor boots meanwhile
         return ref
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_lose_tracking)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_lose_tracking)
     with pytest.raises(tracking.TrackingError) as lost:
         pretrain.run_pretrain(config)
     message = str(lost.value)

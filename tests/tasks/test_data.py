@@ -4,24 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.data import (
-    BUILTIN_CORPUS_URI,
-    ByteTokenizer,
-    CorpusError,
-    FeedbackError,
-    builtin_corpus,
-    encode_corpus,
-    frame_digest,
-    make_prompts,
-    pairs_from_ratings,
-    read_corpus,
-    read_feedback,
-    read_prompts,
-    sample_windows,
-    split_tokens,
-    text_digest,
-    write_feedback,
-)
+from tasks.data.corpus import (BUILTIN_CORPUS_URI, CorpusError, builtin_corpus, encode_corpus, read_corpus,
+                               sample_windows, split_tokens)
+from tasks.data.files import frame_digest, text_digest
+from tasks.data.prompts import make_prompts, read_prompts
+from tasks.data.tables import FeedbackError, pairs_from_ratings, read_feedback, write_feedback
+from tasks.data.tokens import ByteTokenizer
 
 # ----------------------------------------------------------------- tokens
 

@@ -7,8 +7,8 @@ import torch
 
 from models.palm import PaLM
 from models.reward import RewardModel
-from tasks.inputs import InputError, load_reward_model, resolve_input
-from tasks.store import save_checkpoint
+from tasks.storage.inputs import InputError, load_reward_model, resolve_input
+from tasks.storage.checkpoints import save_checkpoint
 
 PALM = dict(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, max_seq_len=64)
 
@@ -36,18 +36,18 @@ def test_reward_model_loads_with_the_head_its_manifest_names(tmp_path, head):
     torch.testing.assert_close(_scores(loaded), _scores(rm))
 
 
-def test_a_reward_checkpoint_from_before_the_per_token_head_loads_as_mean_pooled(tmp_path):
+def test_a_reward_manifest_that_does_not_name_its_head_is_refused_before_loading(tmp_path):
     torch.manual_seed(0)
     rm = RewardModel(PaLM(**PALM), lora_r=4).eval()
-    uri = _reward_checkpoint(tmp_path, rm, {"num_binned_output": 0, "lora_r": 4})  # no "head": the old manifest
-    loaded = load_reward_model(resolve_input(uri, "reward", "--reward-model"), "cpu")
-    assert loaded.head == "mean-pooled"
-    torch.testing.assert_close(_scores(loaded), _scores(rm))
+    uri = _reward_checkpoint(tmp_path, rm, {"num_binned_output": 0, "lora_r": 4})  # no "head", no "head_hidden"
+    with pytest.raises(InputError, match=r"its manifest's model_config cannot build a 'reward' model \(KeyError: "):
+        resolve_input(uri, "reward", "--reward-model")
 
 
 def test_a_manifest_naming_the_wrong_head_is_refused_before_loading(tmp_path):
     torch.manual_seed(0)
     rm = RewardModel(PaLM(**PALM), lora_r=4, head="per-token", head_hidden=8)
-    uri = _reward_checkpoint(tmp_path, rm, {"num_binned_output": 0, "lora_r": 4, "head": "mean-pooled"})
+    uri = _reward_checkpoint(tmp_path, rm, {"num_binned_output": 0, "lora_r": 4, "head": "mean-pooled",
+                                            "head_hidden": 8})
     with pytest.raises(InputError, match="does not match the architecture in its manifest"):
         resolve_input(uri, "reward", "--reward-model")

@@ -3,8 +3,9 @@ import string
 
 import pytest
 
-from tasks.data import builtin_corpus, make_prompts
-from tasks.labeler import Labeler, LabelerError, RealWordsLabeler, load_labeler, rate_all, words
+from tasks.data.corpus import builtin_corpus
+from tasks.data.prompts import make_prompts
+from tasks.data.labeler import Labeler, LabelerError, RealWordsLabeler, load_labeler, rate_all, words
 
 VOCAB = ["the", "cat", "sat", "on", "mat", "a", "dog"]
 

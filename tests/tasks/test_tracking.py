@@ -13,8 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks import tracking
-from tasks.lineage import format_lineage, lineage
+from tasks.tracking import client as tracking
+from tasks.tracking.artifacts import log_frame_dataset, log_plot, log_table, log_text, log_text_dataset
+from tasks.tracking.registry import get_alias, register_checkpoint, resolve_model_uri, set_alias
+from tasks.tracking.runs import MetricLogger, end_run, find_run, log_params, reopen_run, start_run
+from tasks.tracking.lineage import format_lineage, lineage
 
 pytest_plugins = ["tests.servers"]
 
@@ -53,7 +56,7 @@ def tracked(home, empty_db) -> Path:
 
 @pytest.fixture
 def run_id(tracked):
-    return tracking.start_run("stage")
+    return start_run("stage")
 
 
 def _download(run_id: str, path: str, dst: Path) -> Path:
@@ -70,26 +73,26 @@ def test_embedded_default_is_sqlite_under_home(home):
 
 
 def test_stage_runs_nest_under_the_pipeline_run_and_can_be_found_again(tracked):
-    parent = tracking.start_run("pipeline", tags={"pipeline.key": "abc"})
-    stage = tracking.start_run("pretrain", parent_run_id=parent, tags={"stage.key": "k1"})
-    tracking.end_run(stage, "FAILED")
-    tracking.end_run(parent)
+    parent = start_run("pipeline", tags={"pipeline.key": "abc"})
+    stage = start_run("pretrain", parent_run_id=parent, tags={"stage.key": "k1"})
+    end_run(stage, "FAILED")
+    end_run(parent)
 
     client = tracking.get_client()
     assert client.get_run(stage).data.tags["mlflow.parentRunId"] == parent
     assert client.get_run(stage).info.status == "FAILED"
     assert client.get_run(parent).info.status == "FINISHED"
-    assert tracking.find_run({"stage.key": "k1"}) == stage
-    assert tracking.find_run({"stage.key": "other"}) is None
-    tracking.reopen_run(stage)
+    assert find_run({"stage.key": "k1"}) == stage
+    assert find_run({"stage.key": "other"}) is None
+    reopen_run(stage)
     assert client.get_run(stage).info.status == "RUNNING"
 
 
 def test_params_are_flattened_redacted_and_a_resume_may_log_them_again(run_id, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     params = {"store": {"root": SECRET_URI}, "model": {"dim": 64, "depth": 2}, "note": f"key={ENV_SECRET}"}
-    tracking.log_params(run_id, params)
-    tracking.log_params(run_id, params)  # a resumed stage logs its config again
+    log_params(run_id, params)
+    log_params(run_id, params)  # a resumed stage logs its config again
 
     logged = tracking.get_client().get_run(run_id).data.params
     assert logged["model.dim"] == "64" and logged["model.depth"] == "2"
@@ -98,11 +101,11 @@ def test_params_are_flattened_redacted_and_a_resume_may_log_them_again(run_id, m
     assert "SECRETFAKE" not in everything and "AKIAFAKE" not in everything and ENV_SECRET not in everything
 
     with pytest.raises(tracking.TrackingError, match="model.dim"):
-        tracking.log_params(run_id, {"model": {"dim": 128}})
+        log_params(run_id, {"model": {"dim": 128}})
 
 
 def test_metric_logger_sends_batches_and_keeps_history(run_id):
-    logger = tracking.MetricLogger(run_id, flush_every=4)
+    logger = MetricLogger(run_id, flush_every=4)
     for step in range(5):
         logger.log(step, loss=1.0 / (step + 1), lr=0.1)
     client = tracking.get_client()
@@ -117,9 +120,9 @@ def test_metric_logger_sends_batches_and_keeps_history(run_id):
 def test_datasets_are_run_inputs_with_digest_and_redacted_source(run_id, monkeypatch):
     digest = "sha256:" + "ab" * 32
     frame = pd.DataFrame({"prompt": ["hi", "yo"], "chosen": [0, 1], "score": [0.5, 1.5]})
-    tracking.log_text_dataset(run_id, name="corpus", source_uri=SECRET_URI, digest=digest,
+    log_text_dataset(run_id, name="corpus", source_uri=SECRET_URI, digest=digest,
                               context="training", preview="once upon a time")
-    tracking.log_frame_dataset(run_id, frame, name="feedback", source_uri="file:///data/fb.parquet",
+    log_frame_dataset(run_id, frame, name="feedback", source_uri="file:///data/fb.parquet",
                                digest="sha256:" + "cd" * 32, context="training")
 
     inputs = {d.dataset.name: d for d in tracking.get_client().get_run(run_id).inputs.dataset_inputs}
@@ -136,18 +139,18 @@ def test_datasets_are_run_inputs_with_digest_and_redacted_source(run_id, monkeyp
 
 def test_plot_is_a_png_artifact(run_id, tmp_path):
     history = {"loss": [(0, 2.0), (1, 1.5), (2, 1.0)], "kl": [(0, 0.0), (2, 0.1)]}
-    tracking.log_plot(run_id, history, keys=["loss", "kl"], title="ppo", artifact_file="plots/ppo.png")
+    log_plot(run_id, history, keys=["loss", "kl"], title="ppo", artifact_file="plots/ppo.png")
     assert _download(run_id, "plots/ppo.png", tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(tracking.TrackingError, match="reward"):
-        tracking.log_plot(run_id, history, keys=["reward"], title="x", artifact_file="x.png")
+        log_plot(run_id, history, keys=["reward"], title="x", artifact_file="x.png")
 
 
 def test_table_is_replaced_not_appended_and_text_is_redacted(run_id, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
     frame = pd.DataFrame({"prompt": ["a", f"see {SECRET_URI}"], "reward": [0.1, 0.2]})
-    tracking.log_table(run_id, frame, "eval/samples.json")
-    tracking.log_table(run_id, frame, "eval/samples.json")  # a resumed stage
-    tracking.log_text(run_id, f"token {ENV_SECRET}", "notes.txt")
+    log_table(run_id, frame, "eval/samples.json")
+    log_table(run_id, frame, "eval/samples.json")  # a resumed stage
+    log_text(run_id, f"token {ENV_SECRET}", "notes.txt")
 
     table = json.loads(_download(run_id, "eval/samples.json", tmp_path).read_text())
     assert len(table["data"]) == 2 and table["columns"] == ["prompt", "reward"]
@@ -157,11 +160,11 @@ def test_table_is_replaced_not_appended_and_text_is_redacted(run_id, tmp_path, m
 
 
 def test_register_checkpoint_numbers_versions_and_tags_them(run_id):
-    first = tracking.register_checkpoint(
+    first = register_checkpoint(
         "palm-pretrained", checkpoint_uri="file:///ckpt/a", digest="sha256:aa", run_id=run_id,
         lineage={"data.corpus": "sha256:c0", "prefect.flow_run_id": "f-1", "code_version": "abc123"},
     )
-    second = tracking.register_checkpoint(
+    second = register_checkpoint(
         "palm-pretrained", checkpoint_uri=SECRET_URI, digest="sha256:bb", run_id=run_id, lineage={},
     )
     assert (first, second) == ("1", "2")
@@ -177,40 +180,40 @@ def test_register_checkpoint_numbers_versions_and_tags_them(run_id):
 
 def test_aliases_resolve_and_missing_ones_are_named(run_id):
     for uri in ("file:///ckpt/r1", "file:///ckpt/r2"):
-        tracking.register_checkpoint("palm-reward", checkpoint_uri=uri, digest="sha256:r",
+        register_checkpoint("palm-reward", checkpoint_uri=uri, digest="sha256:r",
                                      run_id=run_id, lineage={})
-    tracking.set_alias("palm-reward", "champion", "1")
-    assert tracking.get_alias("palm-reward", "champion") == "1"
-    assert tracking.get_alias("palm-reward", "nope") is None
+    set_alias("palm-reward", "champion", "1")
+    assert get_alias("palm-reward", "champion") == "1"
+    assert get_alias("palm-reward", "nope") is None
 
-    by_alias = tracking.resolve_model_uri("models:/palm-reward@champion")
+    by_alias = resolve_model_uri("models:/palm-reward@champion")
     assert by_alias["version"] == "1" and by_alias["checkpoint_uri"] == "file:///ckpt/r1"
     assert by_alias["run_id"] == run_id and by_alias["digest"] == "sha256:r"
-    assert tracking.resolve_model_uri("models:/palm-reward/2")["checkpoint_uri"] == "file:///ckpt/r2"
-    plain = tracking.resolve_model_uri("s3://bucket/ckpt/7")
+    assert resolve_model_uri("models:/palm-reward/2")["checkpoint_uri"] == "file:///ckpt/r2"
+    plain = resolve_model_uri("s3://bucket/ckpt/7")
     assert plain["checkpoint_uri"] == "s3://bucket/ckpt/7" and plain["name"] is None
 
     with pytest.raises(tracking.TrackingError, match=r"no alias @candidate.*@champion -> v1"):
-        tracking.resolve_model_uri("models:/palm-reward@candidate")
+        resolve_model_uri("models:/palm-reward@candidate")
     with pytest.raises(tracking.TrackingError, match=r"no version 9.*v2, v1"):
-        tracking.resolve_model_uri("models:/palm-reward/9")
+        resolve_model_uri("models:/palm-reward/9")
     with pytest.raises(tracking.TrackingError, match=r"'palm-policy'.*palm-reward"):
-        tracking.resolve_model_uri("models:/palm-policy@candidate")
+        resolve_model_uri("models:/palm-policy@candidate")
 
 
 def test_lineage_walks_back_from_the_policy_to_the_data(run_id):
     def register(name, uri, lineage_tags):
-        return tracking.register_checkpoint(name, checkpoint_uri=uri, digest=f"sha256:{name}",
+        return register_checkpoint(name, checkpoint_uri=uri, digest=f"sha256:{name}",
                                             run_id=run_id, lineage=lineage_tags)
 
     pre = register("palm-pretrained", "s3://b/pre", {"data.corpus": "sha256:corpus"})
     rew = register("palm-reward", "s3://b/rew", {"parent.pretrained": f"palm-pretrained/{pre}",
                                                  "data.feedback": "sha256:feedback"})
-    tracking.set_alias("palm-reward", "champion", rew)
+    set_alias("palm-reward", "champion", rew)
     pol = register("palm-policy", "s3://b/pol", {"parent.pretrained": f"palm-pretrained/{pre}",
                                                  "parent.reward": "models:/palm-reward@champion",
                                                  "data.prompts": "sha256:prompts"})
-    tracking.set_alias("palm-policy", "candidate", pol)
+    set_alias("palm-policy", "candidate", pol)
 
     nodes = lineage("models:/palm-policy@candidate")
     assert [(n["name"], n["version"]) for n in nodes] == [
@@ -229,9 +232,9 @@ def test_lineage_walks_back_from_the_policy_to_the_data(run_id):
 
 def test_two_processes_registering_at_once_get_distinct_versions(run_id):
     script = (
-        "import sys; from tasks import tracking\n"
+        "import sys; from tasks.tracking.registry import register_checkpoint\n"
         "for i in range(3):\n"
-        "    print(tracking.register_checkpoint('palm-policy', checkpoint_uri=f's3://b/{sys.argv[1]}/{i}',"
+        "    print(register_checkpoint('palm-policy', checkpoint_uri=f's3://b/{sys.argv[1]}/{i}',"
         " digest='d', run_id=sys.argv[2], lineage={}))\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, tag, run_id], cwd=REPO,
@@ -275,22 +278,22 @@ def test_through_a_tracking_server_local_checkpoints_register_via_the_run(
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PALM_RLHF_EXPERIMENT", f"tracking-{tmp_path.name}")
     tracking.check_tracking()
-    run = tracking.start_run("pretrain")
+    run = start_run("pretrain")
     local = tmp_path / "ckpt"
     local.mkdir()
     (local / "manifest.json").write_text('{"step": 7}')
 
     # The server refuses file:// sources outside the run's artifacts; s3:// goes in as is.
-    on_disk = tracking.register_checkpoint("palm-pretrained", checkpoint_uri=local.as_uri(),
+    on_disk = register_checkpoint("palm-pretrained", checkpoint_uri=local.as_uri(),
                                            digest="sha256:local", run_id=run, lineage={})
-    in_s3 = tracking.register_checkpoint("palm-pretrained", checkpoint_uri=s3_server.url("ckpt/1"),
+    in_s3 = register_checkpoint("palm-pretrained", checkpoint_uri=s3_server.url("ckpt/1"),
                                          digest="sha256:s3", run_id=run,
                                          lineage={"parent.previous": f"palm-pretrained/{on_disk}"})
 
     client = tracking.get_client()
     assert client.get_model_version("palm-pretrained", on_disk).source == f"runs:/{run}/checkpoint"
     assert client.get_model_version("palm-pretrained", in_s3).source == s3_server.url("ckpt/1")
-    assert tracking.resolve_model_uri(f"models:/palm-pretrained/{on_disk}")["checkpoint_uri"] == local.as_uri()
+    assert resolve_model_uri(f"models:/palm-pretrained/{on_disk}")["checkpoint_uri"] == local.as_uri()
     assert _download(run, "checkpoint/manifest.json", tmp_path / "dl").read_text() == '{"step": 7}'
     assert [n["checkpoint_uri"] for n in lineage(f"models:/palm-pretrained/{in_s3}")] == [
         s3_server.url("ckpt/1"), local.as_uri()]

@@ -1,4 +1,5 @@
-"""Prefect pieces every stage flow shares: retry policy, input pinning, checkpoint verification, artifacts.
+"""What Prefect needs around the stages: the compute task's options, the hand-off tasks between stages, and the
+pipeline's parent MLflow run.
 
 Compute tasks retry on failures that a rerun can fix (a storage or network error), and a retry resumes from the
 last checkpoint, so it costs only the steps since then. Bad input never retries: it fails at once with its message.
@@ -6,45 +7,29 @@ last checkpoint, so it costs only the steps since then. Bad input never retries:
 
 from __future__ import annotations
 
+import json
+
 import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import tracking
-from tasks.config import ConfigError
 from tasks.redact import redact_uri
-from tasks.stage import StageResult
-from tasks.store import CheckpointError, StorageError, verify_checkpoint
-
-# Errors that are the caller's to fix (bad settings, data, URIs): retrying would only repeat them.
-PERMANENT = (ValueError, TypeError, KeyError, FloatingPointError, ConfigError)
-
-
-def retry_unless_permanent(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except PERMANENT:
-        return False
-    except tracking.TrackingUnavailable:  # a tracking server that is restarting answers again
-        return True
-    except tracking.TrackingError:  # no such model or alias, a deleted experiment, a changed config
-        return False
-    except StorageError:  # a store that failed to answer may answer the next time
-        return True
-    except CheckpointError:  # a damaged or refused checkpoint stays so
-        return False
-    except Exception:
-        return True
-    return False
-
+from tasks.runtime.errors import retry_unless_permanent
+from tasks.runtime.stage import FLOW_RUN_TAG, STAGE_TAG, StageResult, code_version, prefect_flow_run_id
+from tasks.storage.checkpoints import verify_checkpoint
+from tasks.tracking import client as tracking
+from tasks.tracking.artifacts import log_text
+from tasks.tracking.registry import resolve_model_uri
+from tasks.tracking.runs import end_run, log_params, start_run
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=retry_unless_permanent)
 
 
-def compute_options() -> dict:
-    """Tag the stage's task `gpu` where it will use one, so work-pool concurrency limits can count GPUs."""
-    return {"tags": ["gpu" if torch.cuda.is_available() else "cpu"], "retries": 2, "retry_delay_seconds": 10,
-            "retry_condition_fn": retry_unless_permanent}
+def compute_task(name: str):
+    """@task for a stage's compute, tagged `gpu` where it will use one, so work-pool concurrency limits can count
+    GPUs."""
+    return task(name=name, tags=["gpu" if torch.cuda.is_available() else "cpu"], retries=2, retry_delay_seconds=10,
+                retry_condition_fn=retry_unless_permanent)
 
 
 @task(**IO_RETRIES)
@@ -53,7 +38,7 @@ def pin_model(uri: str | None) -> str | None:
     so that the stage, its lineage and any retry all use the same model."""
     if not uri or not uri.startswith("models:/"):
         return uri
-    info = tracking.resolve_model_uri(uri)
+    info = resolve_model_uri(uri)
     return f"models:/{info['name']}/{info['version']}"
 
 
@@ -87,3 +72,28 @@ def publish(result: StageResult) -> None:
     get_run_logger().info("%s: %s%s", result.stage,
                           f"models:/{result.model_name}/{result.model_version}" if result.model_name else "done",
                           " (reused)" if result.cached else "")
+
+
+@task(**IO_RETRIES)
+def open_pipeline_run(preset: str, overrides: list[str]) -> str:
+    """The pipeline's parent MLflow run, under which every stage's run nests."""
+    tracking.check_tracking()
+    tags = {STAGE_TAG: "pipeline", "preset": preset, "code_version": code_version()}
+    if flow_run := prefect_flow_run_id():
+        tags[FLOW_RUN_TAG] = flow_run
+    run_id = start_run("pipeline", tags=tags)
+    log_params(run_id, {"preset": preset, "overrides": " ".join(overrides) or "(none)"})
+    return run_id
+
+
+@task(**IO_RETRIES)
+def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None) -> None:
+    """Record which stage runs made this pipeline run (a reused one may sit under an earlier pipeline) and end it."""
+    if results is not None:
+        summary = {name: r.model_dump() for name, r in results.items()}
+        client = tracking.get_client()
+        for name, r in results.items():  # a reused stage's run sits under the pipeline run that first made it
+            client.set_tag(run_id, f"stage.{name}.run_id", r.mlflow_run_id)
+            client.set_tag(run_id, f"stage.{name}.cached", str(r.cached).lower())
+        log_text(run_id, json.dumps(summary, indent=2), "summary.json")
+    end_run(run_id, "FINISHED" if results is not None else "FAILED")

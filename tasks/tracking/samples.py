@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from models.palm import PaLM
-from tasks import tracking
-from tasks.tokens import decode_responses, encode_prompts
+from tasks.data.tokens import decode_responses, encode_prompts
+from tasks.tracking.artifacts import log_text
 
 SAMPLE_PROMPTS = ("The function", "A module is", "When the interpreter", "This method returns")
 
@@ -25,5 +25,5 @@ def log_samples(run_id: str, palm: PaLM, *, device, max_new_tokens: int, scope: 
     responses = decode_responses(gen.tokens.cpu(), gen.mask.cpu())
     palm.train(was_training)
     text = "\n".join(f"- **{p!r}** → {r!r}" for p, r in zip(prompts, responses))
-    tracking.log_text(run_id, "# sample generations\n\n" + text + "\n", artifact_file)
+    log_text(run_id, "# sample generations\n\n" + text + "\n", artifact_file)
     return responses

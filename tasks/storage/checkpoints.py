@@ -3,8 +3,8 @@
 One folder per checkpoint, ``<prefix>/step-<step:08d>/``, holding
 
     weights.safetensors   the model's tensors (never pickle: loading must not run code)
-    state.safetensors     tensors of the trainer state (optimizer moments, RNG states)
-    state.json            the rest of the trainer state, with placeholders for those tensors
+    state.safetensors     the trainer state's tensors (optimizer moments, random streams)
+    state.json            the trainer state's plain values (optimizer settings, the KL controller)
     manifest.json         written last: configs, lineage, and a sha256 and size per file
 
 A folder without a manifest is not a checkpoint. Object stores have no rename, so the
@@ -12,33 +12,31 @@ files go under the checkpoint's own prefix first and the manifest (one PUT) afte
 a crash in between leaves a torn folder that readers skip. Reads check every size and
 sha256 before building a tensor, so a checkpoint loads whole or not at all.
 
-``state`` round-trips exactly: dicts (int keys stay ints, as ``optimizer.load_state_dict``
-needs), lists, tuples, str/int/bool/None, floats bit for bit (repr round-trips; inf and nan
-go as ``float.hex``) and tensors (dtype and shape kept, always contiguous on load).
-Dict subclasses such as ``OrderedDict`` come back as plain dicts.
+The trainer ``state`` is flat: each name holds a tensor (kept in state.safetensors, dtype and
+shape exact) or a plain JSON value (kept in state.json). Nested trainer state such as an
+optimizer's is flattened by its owner (``tasks.runtime.loop``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import math
-import os
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import safetensors.torch
 import torch
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.redact import has_credentials, redact, redact_uri
+from tasks.redact import redact_uri
+from tasks.storage.store import (CheckpointError, StorageError, create_exclusive, fail, filesystem, io_errors,
+                                 join_uri, normalize)
+
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointRef", "StorageError", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "read_manifest", "save_checkpoint", "verify_checkpoint"]
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
@@ -49,16 +47,7 @@ _REQUIRED = {
 }
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MARKERS = ("__tensor__", "__tuple__", "__float__", "__dict__")
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, torn, corrupt, unreachable, or cannot be written as asked."""
-
-
-class StorageError(CheckpointError):
-    """The store could not be read or written (network, outage, permissions): unlike damage, a retry may help."""
 
 
 class _NoCheckpoint(CheckpointError):
@@ -77,133 +66,7 @@ class Checkpoint:
     ref: CheckpointRef
     manifest: dict
     weights: dict[str, torch.Tensor]
-    state: dict  # as saved; {} when loaded with load_state=False
-
-
-# ---------------------------------------------------------------- URIs and filesystems
-
-
-def store_root() -> str:
-    """``$PALM_RLHF_STORE``, else ``<$PALM_RLHF_HOME or ./.palm-rlhf>/store`` as an absolute path."""
-    explicit = os.environ.get("PALM_RLHF_STORE")
-    if explicit:
-        return explicit if "://" in explicit else os.path.abspath(os.path.expanduser(explicit))
-    home = os.environ.get("PALM_RLHF_HOME") or ".palm-rlhf"
-    return os.path.join(os.path.abspath(os.path.expanduser(home)), "store")
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join path segments onto a URI or local path with single slashes."""
-    stripped = base.rstrip("/")
-    out = base if (stripped == "" or stripped.endswith(":")) else stripped  # keep "/" and "file:///"
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            out = f"{out}{'' if out.endswith('/') else '/'}{part}"
-    return out
-
-
-def _normalize(uri: str) -> str:
-    """Plain local paths become absolute ``file://`` URIs, so refs say where they live."""
-    if "://" not in uri:
-        return "file://" + os.path.abspath(os.path.expanduser(uri))
-    return join_uri(uri)
-
-
-def _filesystem(uri: str):
-    """(fs, path) for a URI; refuses what fsspec would misread, before any I/O."""
-    parts = urlsplit(uri)
-    if has_credentials(uri):
-        # s3fs would take "KEY:SECRET@bucket" for a bucket name and echo it in errors.
-        raise CheckpointError(
-            f"{redact_uri(uri)}: credentials inside the URI are not supported; "
-            "set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-        )
-    try:
-        return url_to_fs(uri)
-    except ImportError as err:
-        raise CheckpointError(f"{redact_uri(uri)}: storage protocol {parts.scheme!r} needs a package: {err}") from None
-    except ValueError:
-        raise CheckpointError(
-            f"{redact_uri(uri)}: unknown storage protocol {parts.scheme!r} (use a local path, file:// or s3://)"
-        ) from None
-
-
-def _fail(uri: str, problem: str, cls: type[CheckpointError] = CheckpointError) -> CheckpointError:
-    return cls(f"checkpoint {redact_uri(uri)}: {problem}")
-
-
-@contextlib.contextmanager
-def _io(uri: str, action: str) -> Iterator[None]:
-    """Turn storage errors into one CheckpointError naming the URI and the cause class, scrubbed."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as err:  # s3fs/botocore raise many unrelated classes; the cause class is kept in the text
-        # `from None`: a chained traceback would print the unscrubbed original message.
-        raise _fail(uri, f"cannot {action} ({type(err).__name__}: {redact(str(err))})", StorageError) from None
-
-
-# ---------------------------------------------------------------- state <-> (json, tensors)
-
-
-def _where(path: tuple) -> str:
-    return "state" + "".join(f"[{p!r}]" for p in path)
-
-
-def _encode_state(state: object) -> tuple[object, dict[str, torch.Tensor]]:
-    """Split a nested state into a JSON tree with tensor placeholders, and the tensors by path key."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def enc(obj: object, path: tuple) -> object:
-        if isinstance(obj, torch.Tensor):
-            key = "/".join(map(str, path)) or "state"
-            while key in tensors or key == "__metadata__":  # "a/b" vs {"a": {"b": ..}}
-                key += "#"
-            tensors[key] = obj
-            return {"__tensor__": key}
-        if obj is None or isinstance(obj, (bool, str)):
-            return obj
-        if isinstance(obj, int):
-            return int(obj)
-        if isinstance(obj, float):
-            return float(obj) if math.isfinite(obj) else {"__float__": float(obj).hex()}
-        if isinstance(obj, tuple):
-            return {"__tuple__": [enc(v, path + (i,)) for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [enc(v, path + (i,)) for i, v in enumerate(obj)]
-        if isinstance(obj, dict):
-            if all(isinstance(k, str) and k not in _MARKERS for k in obj):
-                return {k: enc(v, path + (k,)) for k, v in obj.items()}
-            for k in obj:
-                if isinstance(k, torch.Tensor):
-                    raise CheckpointError(f"{_where(path)}: a tensor cannot be a dict key in a checkpoint")
-            return {"__dict__": [[enc(k, path), enc(v, path + (k,))] for k, v in obj.items()]}
-        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-        raise CheckpointError(
-            f"{_where(path)}: cannot store a {kind} in a checkpoint "
-            "(use dicts, lists, tuples, str, int, float, bool, None or torch tensors)"
-        )
-
-    return enc(state, ()), tensors
-
-
-def _decode_state(node: object, tensors: dict[str, torch.Tensor]) -> object:
-    if isinstance(node, list):
-        return [_decode_state(v, tensors) for v in node]
-    if not isinstance(node, dict):
-        return node
-    if len(node) == 1 and next(iter(node)) in _MARKERS:
-        ((tag, value),) = node.items()
-        if tag == "__tensor__":
-            return tensors[value]
-        if tag == "__float__":
-            return float.fromhex(value)
-        if tag == "__tuple__":
-            return tuple(_decode_state(v, tensors) for v in value)
-        return {_decode_state(k, tensors): _decode_state(v, tensors) for k, v in value}
-    return {k: _decode_state(v, tensors) for k, v in node.items()}
+    state: dict  # name -> tensor or JSON value, as saved; {} when loaded with load_state=False
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -242,7 +105,7 @@ def _check_safetensors(f: BinaryIO, size: int, uri: str, name: str) -> None:
     head = f.read(8)
     length = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 2 <= length <= min(_MAX_HEADER, size - 8):
-        raise _fail(uri, f"{name} is not a safetensors file (header length check failed); refusing to load it")
+        raise fail(uri, f"{name} is not a safetensors file (header length check failed); refusing to load it")
     try:
         header = json.loads(f.read(length))
         body = size - 8 - length
@@ -252,19 +115,19 @@ def _check_safetensors(f: BinaryIO, size: int, uri: str, name: str) -> None:
                 if not (isinstance(entry["dtype"], str) and 0 <= start <= end <= body):
                     raise ValueError(key)
     except Exception:
-        raise _fail(uri, f"{name} is not a safetensors file (header check failed); refusing to load it") from None
+        raise fail(uri, f"{name} is not a safetensors file (header check failed); refusing to load it") from None
 
 
 def _verified_bytes(fs, path: str, uri: str, manifest: dict, name: str) -> bytes:
     """One file's bytes, after its size and sha256 match the manifest."""
     entry = manifest["files"].get(name)
     if entry is None:
-        raise _fail(uri, f"{MANIFEST} lists no {name}")
-    with _io(uri, f"read {name}"):
+        raise fail(uri, f"{MANIFEST} lists no {name}")
+    with io_errors(uri, f"read {name}"):
         try:
             data = fs.cat_file(f"{path}/{name}")
         except FileNotFoundError:
-            raise _fail(uri, f"{name} is missing (listed in {MANIFEST})") from None
+            raise fail(uri, f"{name} is missing (listed in {MANIFEST})") from None
     _check_size(uri, name, entry, len(data))
     _check_sha256(uri, name, entry, _sha256(data))
     return data
@@ -272,17 +135,17 @@ def _verified_bytes(fs, path: str, uri: str, manifest: dict, name: str) -> bytes
 
 def _check_size(uri: str, name: str, entry: dict, size: int) -> None:
     if size != entry["bytes"]:
-        raise _fail(uri, f"{name} size mismatch (manifest says {entry['bytes']} bytes, file has {size}): truncated?")
+        raise fail(uri, f"{name} size mismatch (manifest says {entry['bytes']} bytes, file has {size}): truncated?")
 
 
 def _check_sha256(uri: str, name: str, entry: dict, actual: str) -> None:
     if actual != entry["sha256"]:
-        raise _fail(uri, f"{name} sha256 mismatch (manifest says {entry['sha256'][:12]}…, file has {actual[:12]}…)")
+        raise fail(uri, f"{name} sha256 mismatch (manifest says {entry['sha256'][:12]}…, file has {actual[:12]}…)")
 
 
 def _parse_manifest(raw: bytes, uri: str) -> dict:
     def bad(problem: str) -> CheckpointError:
-        return _fail(uri, f"{MANIFEST} {problem}", _NoCheckpoint)
+        return fail(uri, f"{MANIFEST} {problem}", _NoCheckpoint)
 
     try:
         manifest = json.loads(raw)
@@ -309,13 +172,13 @@ def _parse_manifest(raw: bytes, uri: str) -> dict:
 
 
 def _read_manifest(uri: str) -> tuple[dict, object, str]:
-    fs, path = _filesystem(uri)
-    with _io(uri, f"read {MANIFEST}"):
+    fs, path = filesystem(uri)
+    with io_errors(uri, f"read {MANIFEST}"):
         fs.invalidate_cache(path)  # another process may have just written it
         try:
             raw = fs.cat_file(f"{path}/{MANIFEST}")
         except FileNotFoundError:
-            raise _fail(uri, f"no checkpoint at this URI ({MANIFEST} missing)", _NoCheckpoint) from None
+            raise fail(uri, f"no checkpoint at this URI ({MANIFEST} missing)", _NoCheckpoint) from None
     return _parse_manifest(raw, uri), fs, path
 
 
@@ -343,20 +206,19 @@ def save_checkpoint(
     """Write ``<prefix>/step-<step:08d>/`` and return its ref.
 
     Everything is validated and serialized in memory before the first byte is written.
-    Saving the same content again returns the existing ref (a retried task is harmless), and
-    so does saving the same model with other trainer state (see ``_same_model``); different
-    content at an existing step is refused unless ``overwrite=True``, because downstream
-    manifests name this checkpoint by URI and digest.
+    Saving the same content again returns the existing ref (a retried task is harmless);
+    different content at an existing step is refused unless ``overwrite=True``, because
+    downstream manifests name this checkpoint by URI and digest.
     """
     if type(step) is not int or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
-    uri = join_uri(_normalize(prefix), f"step-{step:08d}")
-    fs, path = _filesystem(uri)
+    uri = join_uri(normalize(prefix), f"step-{step:08d}")
+    fs, path = filesystem(uri)
     files = _serialize(weights, state)
     manifest = _build_manifest(files, step, kind, model_config, stage_config, parents, data, extra)
     ref = _ref(uri, manifest)
 
-    with _io(uri, f"read an existing {MANIFEST}"):
+    with io_errors(uri, f"read an existing {MANIFEST}"):
         fs.invalidate_cache(path)
         try:
             existing = fs.cat_file(f"{path}/{MANIFEST}")
@@ -369,107 +231,31 @@ def save_checkpoint(
             old = None  # a garbled manifest publishes nothing: replace it like a torn folder
         if old == manifest:
             return ref
-        if old is not None and not overwrite and _same_model(old, manifest):
-            return _ref(uri, old)
         if old is not None and not overwrite:
-            raise _fail(uri, "already exists with different content (checkpoints are immutable; pass overwrite=True)")
-        with _io(uri, f"remove the old {MANIFEST}"):
+            raise fail(uri, "already exists with different content (checkpoints are immutable; pass overwrite=True)")
+        with io_errors(uri, f"remove the old {MANIFEST}"):
             fs.rm_file(f"{path}/{MANIFEST}")  # unpublish first: readers never see new files under the old manifest
     if not _write(fs, path, uri, files, manifest):  # another writer published this step while we wrote
-        with _io(uri, f"read the {MANIFEST} published meanwhile"):
+        with io_errors(uri, f"read the {MANIFEST} published meanwhile"):
             published = _parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), uri)
-        if published != manifest and not _same_model(published, manifest):
-            raise _fail(uri, "was published meanwhile by another writer with different content (checkpoints are "
+        if published != manifest:
+            raise fail(uri, "was published meanwhile by another writer with different content (checkpoints are "
                              "immutable: two runs of one run key must not train at the same time)")
         return _ref(uri, published)
     return ref
-
-
-def _same_model(old: dict, new: dict) -> bool:
-    """The same weights, configs, lineage and metrics: only the trainer state may differ.
-
-    Two identical runs started together write the same step of the same run key. Their trainer
-    state can differ in Python's global RNG: it is saved although no stage draws from it, and
-    other code in the process can draw from it between checkpoints (a retry's jitter, say).
-    The first writer's checkpoint stands for both.
-    """
-
-    def model(manifest: dict) -> dict:
-        return {**manifest, "files": manifest["files"][WEIGHTS]}
-
-    return model(old) == model(new)
 
 
 def _write(fs, path: str, uri: str, files: dict[str, bytes], manifest: dict) -> bool:
     """Every file under the checkpoint's own prefix, then the manifest that publishes them; False when another
     writer's manifest got there first (it is never replaced)."""
     if isinstance(fs, LocalFileSystem):  # object stores have no folders; makedirs on s3 would create a bucket
-        with _io(uri, "create the checkpoint folder"):
+        with io_errors(uri, "create the checkpoint folder"):
             fs.makedirs(path, exist_ok=True)
     for name, payload in files.items():
-        with _io(uri, f"write {name}"):
+        with io_errors(uri, f"write {name}"):
             fs.pipe_file(f"{path}/{name}", payload)
-    with _io(uri, f"write {MANIFEST}"):
-        return _create(fs, f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
-
-
-def _create(fs, path: str, body: bytes) -> bool:
-    """Write a whole file unless it exists; False when it did. Atomic and exclusive: a hard link on a local
-    disk, a conditional PUT (If-None-Match) on S3, so two writers can never both create it and a reader never
-    sees half of it."""
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}"
-        fs.pipe_file(tmp, body)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        return True
-    try:
-        fs.pipe_file(path, body, mode="create")
-    except FileExistsError:  # also when our own first attempt landed and only its answer was lost
-        return False
-    return True
-
-
-# ---------------------------------------------------------------- small files beside checkpoints (leases)
-
-
-def create_file(uri: str, body: bytes) -> bool:
-    """Create ``uri`` holding ``body`` unless it exists (atomic, exclusive); True when this call created it."""
-    fs, path = _filesystem(_normalize(uri))
-    with _io(uri, "create the file"):
-        if isinstance(fs, LocalFileSystem):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        return _create(fs, path, body)
-
-
-def read_file(uri: str) -> bytes | None:
-    """The bytes of ``uri``, or None when it does not exist."""
-    fs, path = _filesystem(_normalize(uri))
-    with _io(uri, "read the file"):
-        fs.invalidate_cache(path.rsplit("/", 1)[0])
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-
-
-def replace_file(uri: str, body: bytes) -> None:
-    fs, path = _filesystem(_normalize(uri))
-    with _io(uri, "write the file"):
-        fs.pipe_file(path, body)
-
-
-def remove_file(uri: str) -> None:
-    fs, path = _filesystem(_normalize(uri))
-    with _io(uri, "remove the file"):
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
+    with io_errors(uri, f"write {MANIFEST}"):
+        return create_exclusive(fs, f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def _serialize(weights: dict, state: dict | None) -> dict[str, bytes]:
@@ -478,12 +264,22 @@ def _serialize(weights: dict, state: dict | None) -> dict[str, bytes]:
     for name, tensor in weights.items():
         if not isinstance(name, str) or name == "__metadata__" or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"weights[{name!r}]: expected a str name and a torch.Tensor")
-    tree, state_tensors = _encode_state({} if state is None else state)
+    state = state or {}
+    state_tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    values = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    for name in state:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise CheckpointError(f"state[{name!r}]: state names must be strings")
+    try:
+        state_json = json.dumps(values, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"the trainer state's plain values are not JSON ({err}): flatten nested state into "
+                              "tensors and JSON values") from None
     try:
         return {
             WEIGHTS: safetensors.torch.save(_storable(weights)),
             STATE_TENSORS: safetensors.torch.save(_storable(state_tensors)),
-            STATE_JSON: json.dumps(tree, allow_nan=False).encode(),
+            STATE_JSON: state_json,
         }
     except Exception as err:  # e.g. a sparse or quantized tensor safetensors has no dtype for
         raise CheckpointError(f"cannot serialize the checkpoint tensors ({type(err).__name__}: {err})") from None
@@ -525,7 +321,7 @@ def _build_manifest(files, step, kind, model_config, stage_config, parents, data
 
 def read_manifest(uri: str) -> dict:
     """The manifest alone, parsed and checked for required keys: cheap, for lineage and architecture."""
-    return _read_manifest(_normalize(uri))[0]
+    return _read_manifest(normalize(uri))[0]
 
 
 def load_checkpoint(uri: str, *, map_location="cpu", load_state: bool = True) -> Checkpoint:
@@ -533,7 +329,7 @@ def load_checkpoint(uri: str, *, map_location="cpu", load_state: bool = True) ->
 
     With ``load_state=False`` the state files are neither read nor checked, and ``state`` is {}.
     """
-    uri = _normalize(uri)
+    uri = normalize(uri)
     manifest, fs, path = _read_manifest(uri)
     names = [WEIGHTS, STATE_TENSORS, STATE_JSON] if load_state else [WEIGHTS]
     raw = {name: _verified_bytes(fs, path, uri, manifest, name) for name in names}
@@ -545,23 +341,23 @@ def load_checkpoint(uri: str, *, map_location="cpu", load_state: bool = True) ->
         state = {}
         if load_state:
             tensors = {k: v.to(map_location) for k, v in safetensors.torch.load(raw.pop(STATE_TENSORS)).items()}
-            state = _decode_state(json.loads(raw.pop(STATE_JSON)), tensors)
+            state = {**json.loads(raw.pop(STATE_JSON)), **tensors}
     except Exception as err:  # sha256s matched, so the writer produced this: say so plainly
-        raise _fail(uri, f"verified files could not be decoded ({type(err).__name__}: {err})") from None
+        raise fail(uri, f"verified files could not be decoded ({type(err).__name__}: {err})") from None
     return Checkpoint(ref=_ref(uri, manifest), manifest=manifest, weights=weights, state=state)
 
 
 def verify_checkpoint(uri: str) -> CheckpointRef:
     """Check every file the manifest lists (size, streamed sha256, safetensors header) without loading tensors."""
-    uri = _normalize(uri)
+    uri = normalize(uri)
     manifest, fs, path = _read_manifest(uri)
     for name, entry in manifest["files"].items():
         file = f"{path}/{name}"
-        with _io(uri, f"read {name}"):
+        with io_errors(uri, f"read {name}"):
             try:
                 _check_size(uri, name, entry, fs.size(file))
             except FileNotFoundError:
-                raise _fail(uri, f"{name} is missing (listed in {MANIFEST})") from None
+                raise fail(uri, f"{name} is missing (listed in {MANIFEST})") from None
             _check_sha256(uri, name, entry, _streamed_sha256(fs, file))
             if name.endswith(".safetensors"):
                 with fs.open(file, "rb") as f:
@@ -580,9 +376,9 @@ def latest_checkpoint(prefix: str) -> CheckpointRef | None:
 
 
 def _complete_desc(prefix: str) -> Iterator[CheckpointRef]:
-    base = _normalize(prefix)
-    fs, path = _filesystem(base)
-    with _io(base, "list checkpoints"):
+    base = normalize(prefix)
+    fs, path = filesystem(base)
+    with io_errors(base, "list checkpoints"):
         fs.invalidate_cache(path)
         try:
             entries = fs.ls(path, detail=False)
@@ -590,7 +386,7 @@ def _complete_desc(prefix: str) -> Iterator[CheckpointRef]:
             bucket = path.split("/", 1)[0]
             # no checkpoints yet is normal; a missing bucket is a typo that would silently restart training
             if not isinstance(fs, LocalFileSystem) and not fs.exists(bucket):
-                raise _fail(base, f"bucket {bucket!r} does not exist") from None
+                raise fail(base, f"bucket {bucket!r} does not exist") from None
             return
     steps = []
     for entry in entries:

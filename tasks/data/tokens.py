@@ -1,10 +1,25 @@
-"""Turning (prompt, response) text into left-padded token batches for the reward model and the policy."""
+"""Text to tokens and back: the byte tokenizer, and left-padded (prompt, response) batches for the models."""
 
 from __future__ import annotations
 
 import torch
 
-from tasks.data import ByteTokenizer
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no vocabulary file, any text round-trips, and the model stays tiny."""
+
+    vocab_size: int = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        # A sampled sequence can stop inside a multi-byte character, and a model with spare vocabulary
+        # (num_tokens > 256) can sample ids no byte has: show both as U+FFFD rather than fail (0xFF is never UTF-8).
+        return bytes(int(i) if 0 <= int(i) < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
+
+
 
 TOKENIZER = ByteTokenizer()
 

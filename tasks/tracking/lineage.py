@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.tracking import resolve_model_uri
+from tasks.tracking.registry import resolve_model_uri
 
 _VERSION_REF = re.compile(r"^[^/:@]+/\d+$")  # "palm-pretrained/3", as register_checkpoint writes
 

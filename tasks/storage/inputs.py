@@ -14,10 +14,11 @@ import torch
 from models.actor_critic import ActorCritic
 from models.palm import PaLM
 from models.reward import RewardModel
-from tasks import tracking
-from tasks.data import ByteTokenizer
+from tasks.data.tokens import ByteTokenizer
 from tasks.redact import redact_uri
-from tasks.store import WEIGHTS, join_uri, load_checkpoint, read_manifest, verify_checkpoint
+from tasks.storage.checkpoints import WEIGHTS, load_checkpoint, read_manifest, verify_checkpoint
+from tasks.storage.store import join_uri
+from tasks.tracking.registry import resolve_model_uri
 
 
 class InputError(ValueError):
@@ -49,7 +50,7 @@ def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
     its weights have the shapes of the architecture its manifest describes (checked without building tensors)."""
     if not uri:
         raise InputError(f"{role}: no model given")
-    info = tracking.resolve_model_uri(uri)
+    info = resolve_model_uri(uri)
     manifest = read_manifest(info["checkpoint_uri"])
     if manifest.get("kind") != kind:
         raise InputError(f"{role} {redact_uri(uri)} is a {manifest.get('kind')!r} checkpoint; this stage needs a "
@@ -74,7 +75,7 @@ def _empty_model(inp: ModelInput) -> torch.nn.Module:
         if inp.manifest["kind"] == "palm":
             return PaLM.from_config(cfg)
         palm = PaLM.from_config(cfg["palm"])
-        return build_reward_model(palm, cfg) if inp.manifest["kind"] == "reward" else build_actor_critic(palm, cfg)
+        return RewardModel.from_config(palm, cfg) if inp.manifest["kind"] == "reward" else build_actor_critic(palm, cfg)
 
 
 def _check_architecture(inp: ModelInput, role: str) -> None:
@@ -119,15 +120,9 @@ def load_palm(inp: ModelInput, device) -> PaLM:
     return palm.to(device)
 
 
-def build_reward_model(palm: PaLM, model_config: dict) -> RewardModel:
-    """Checkpoints written before the per-token head existed have the mean-pooled one."""
-    return RewardModel(palm, num_binned_output=model_config["num_binned_output"], lora_r=model_config["lora_r"],
-                       head=model_config.get("head", "mean-pooled"), head_hidden=model_config.get("head_hidden", 64))
-
-
 def load_reward_model(inp: ModelInput, device) -> RewardModel:
     cfg = inp.manifest["model_config"]
-    rm = build_reward_model(PaLM.from_config(cfg["palm"]), cfg)
+    rm = RewardModel.from_config(PaLM.from_config(cfg["palm"]), cfg)
     _load(rm, _weights(inp), inp)
     return rm.to(device).eval()
 
@@ -154,7 +149,8 @@ def _load(module: torch.nn.Module, weights: dict, inp: ModelInput) -> None:
 
 def training_corpus(pretrained: ModelInput) -> tuple[str, str]:
     """The corpus the base model was pretrained on (prompts are cut from it), checked against its recorded digest."""
-    from tasks.data import read_corpus, text_digest
+    from tasks.data.corpus import read_corpus
+    from tasks.data.files import text_digest
 
     corpus = pretrained.manifest.get("corpus") or {}
     if "uri" not in corpus:
