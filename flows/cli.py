@@ -3,6 +3,8 @@
     palm-rlhf run [--preset tiny|demo] [--set stage.key=value ...] [--summary FILE]
     palm-rlhf stage NAME [--pretrained URI] [--reward-model URI] [--policy URI] [--preset] [--set] [--summary]
     palm-rlhf lineage MODEL_URI
+    palm-rlhf generate MODEL_URI [PROMPT ...] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K]
+                       [--seed S] [--json] [--input FILE_URL --output FILE_URL]
 
 Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs), 1 for anything else.
 """
@@ -26,6 +28,7 @@ def _prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars would bury the output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     common(stage)
     lineage = sub.add_parser("lineage", help="print a model's chain back to its data")
     lineage.add_argument("model_uri", help="e.g. models:/palm-policy@champion")
+    generate = sub.add_parser("generate", help="answer prompts with a registered model or a checkpoint")
+    generate.add_argument("model_uri", help="models:/palm-policy@champion, models:/palm-policy/3, or a checkpoint URI")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts; without any, one per line on stdin")
+    generate.add_argument("--num-samples", type=int, help="best-of-n: the reward model picks the best of n answers")
+    generate.add_argument("--max-new-tokens", type=int, help="at most this many new tokens per answer")
+    generate.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy")
+    generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    generate.add_argument("--seed", type=int, help="the same seed and request give the same answers (default 0)")
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, completion, score")
+    generate.add_argument("--input", metavar="FILE_URL", help="prompts from a JSONL/CSV/Parquet file (a `prompt` "
+                          "column) or a text file, at any fsspec URL")
+    generate.add_argument("--output", metavar="FILE_URL", help="answers to a .jsonl, .csv or .parquet file")
     return parser
 
 
@@ -128,6 +143,28 @@ def _check_pipeline(config) -> None:
     tracking.check_tracking()
 
 
+def _generate(args) -> int:
+    from tasks.runtime.progress import progress_bar
+    from tasks.serving.generation import GenerationParams, complete
+    from tasks.serving.requests import check_output, open_model, request_prompts, write_answers
+
+    asked = {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+             "top_k": args.top_k, "seed": args.seed,
+             "return_scores": bool(args.num_samples and args.num_samples > 1 and args.json)}
+    GenerationParams.parse(asked)  # bad settings, prompts and output paths fail before the model is fetched
+    check_output(args.output)
+    prompts = request_prompts(args.prompts, args.input)
+    bundle = open_model(args.model_uri)
+    params = GenerationParams.parse(asked, bundle.defaults)
+    if args.input:  # a batch: show how far it is
+        with progress_bar("generate", len(prompts)) as show:
+            answers = complete(bundle, prompts, params, progress=show)
+    else:
+        answers = complete(bundle, prompts, params)
+    write_answers(answers, args.output, args.json)
+    return 0
+
+
 def _lineage(args) -> int:
     from tasks.tracking.lineage import format_lineage, lineage
 
@@ -141,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.redact import redact
 
     try:
+        if args.command == "generate":
+            return _generate(args)
         return _lineage(args) if args.command == "lineage" else _run(args)
     except KeyboardInterrupt:
         print("palm-rlhf: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

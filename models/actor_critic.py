@@ -56,12 +56,39 @@ class ActorCritic(nn.Module):
             return self.reference(seq, mask=mask)
         return self.palm(seq, mask=mask)  # the frozen base without the actor's LoRA
 
+    def merged_policy(self) -> PaLM:
+        """The policy as one plain PaLM: the actor's LoRA folded into the base weights, no critic, no reference copy.
+        Its logits are the actor's (to float rounding); it is what a registered policy serves."""
+        if self.actor_lora:
+            return merge_finetune(self.palm, "actor")
+        plain = PaLM.from_config(self.palm.config)
+        plain.load_state_dict(_base_state(self.palm))
+        return plain
+
     def values(self, seq: Tensor, mask: Tensor | None) -> Tensor:
         if self.critic_lora:
             h = self.palm(seq, mask=mask, finetune_scope="critic", return_only_embedding=True)
         else:
             h = self.critic_palm(seq, mask=mask, return_only_embedding=True)
         return self.value_head(h).squeeze(-1)
+
+
+def _base_state(palm: PaLM) -> dict[str, Tensor]:
+    return {k: v for k, v in palm.state_dict().items() if not k.startswith("finetune_modules.")}
+
+
+@torch.no_grad()
+def merge_finetune(palm: PaLM, scope: str) -> PaLM:
+    """A plain PaLM with the scope's LoRA deltas folded into the weights they adapt (Hu et al. 2021, section 4.1:
+    W' = W + (A B * scale)^T), so it computes palm(x, finetune_scope=scope) with one matmul per projection."""
+    merged = PaLM.from_config(palm.config).to(next(palm.parameters()).device)
+    merged.load_state_dict(_base_state(palm))
+    for layer, lora in zip(merged.layers, palm.finetune_modules[scope]):
+        qkv, out = lora["qkv"], lora["out"]
+        delta = (qkv.A @ qkv.B * qkv.scale).t()  # (q + k + v outputs, dim): the first rows of the fused projection
+        layer.fused_proj.weight[: delta.shape[0]] += delta.to(layer.fused_proj.weight.dtype)
+        layer.attn_out.weight += (out.A @ out.B * out.scale).t().to(layer.attn_out.weight.dtype)
+    return merged
 
 
 def _frozen(module: nn.Module) -> nn.Module:

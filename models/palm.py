@@ -227,7 +227,7 @@ class PaLM(nn.Module):
     def sample(self, prompt: Tensor, prompt_mask: Tensor | None, max_new_tokens: int, *, temperature: float = 1.0,
                filter_thres: float = 0.9, eos_token: int | None = None, pad_value: int = 0,
                finetune_scope: str | None = None, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> Generation:
+               use_cache: bool = True, top_k: int | None = None) -> Generation:
         """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it."""
         b, P = prompt.shape
         if max_new_tokens < 1:
@@ -247,7 +247,7 @@ class PaLM(nn.Module):
                               cache=cache)[:, -1]
             else:
                 logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
-            token = sample_token(logits, temperature, filter_thres, generator)
+            token = sample_token(logits, temperature, filter_thres, generator, top_k)
             alive = ~done
             token = torch.where(alive, token, torch.full_like(token, pad_value))
             new_tokens.append(token)

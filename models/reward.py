@@ -77,6 +77,21 @@ def token_logprobs(logits: Tensor, x: Tensor, mask: Tensor | None) -> Tensor:
     return F.pad(logp, (1, 0))
 
 
+def rating_targets(ratings: Tensor, scale: tuple[float, float], bins: int) -> Tensor:
+    """What the head learns from ratings on [low, high]: a scalar head the rating mapped to [-1, 1]; a binned head the
+    index of the nearest of `bins` evenly spaced bins."""
+    low, high = scale
+    unit = (ratings.float() - low) / (high - low)
+    return (unit * (bins - 1)).round().long() if bins else unit * 2 - 1
+
+
+def score_to_rating(score: Tensor, scale: tuple[float, float], bins: int) -> Tensor:
+    """A head's score back on the rating scale it was trained on (the inverse of rating_targets)."""
+    low, high = scale
+    unit = score / (bins - 1) if bins else (score + 1) / 2
+    return low + unit * (high - low)
+
+
 class RewardModel(nn.Module):
     def __init__(self, palm: PaLM, num_binned_output: int = 0, use_lora: bool = True, lora_r: int = 8,
                  reward_lora_scope: str = "reward", head: Literal["mean-pooled", "per-token"] = "mean-pooled",

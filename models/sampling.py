@@ -38,9 +38,20 @@ def top_k_filter(logits: Tensor, thres: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
-def sample_token(logits: Tensor, temperature: float, filter_thres: float, generator: torch.Generator | None) -> Tensor:
-    """logits (b, vocab) -> token ids (b,). temperature 0 is greedy argmax."""
+def keep_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row, -inf elsewhere."""
+    values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+
+
+def sample_token(logits: Tensor, temperature: float, filter_thres: float, generator: torch.Generator | None,
+                 top_k: int | None = None) -> Tensor:
+    """logits (b, vocab) -> token ids (b,). temperature 0 is greedy argmax. top_k keeps the k most likely tokens
+    (None or 0 keeps all); it is the count-based form of filter_thres, and the two cannot be combined."""
+    if top_k and filter_thres > 0:
+        raise ValueError(f"give top_k ({top_k}) or filter_thres ({filter_thres}), not both")
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(top_k_filter(logits.float(), filter_thres) / temperature, dim=-1)
+    filtered = keep_top_k(logits.float(), top_k) if top_k else top_k_filter(logits.float(), filter_thres)
+    probs = torch.softmax(filtered / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

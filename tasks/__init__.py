@@ -10,9 +10,11 @@ and what the stages share, one layer below them:
     runtime/    running a stage: run keys, the cache and leases, its MLflow run, the one training loop, data-parallel
                 ranks, the Prefect task options, retries and exit codes
     storage/    the object store, checkpoints and their manifests, the models a stage reads
+    serving/    a registered version as an MLflow model: its files, generation and best-of-n, `palm-rlhf generate`
     tracking/   MLflow: runs, metrics, artifacts, the registry, lineage
     data/       corpora, prompts, feedback tables, tokens, raters
 
-Imports point down only: flows/ -> the stage modules -> runtime/ -> storage/ -> tracking/ -> data/ -> models/.
+Imports point down only: flows/ -> the stage modules -> runtime/ -> serving/ -> storage/ -> tracking/ -> data/ ->
+models/.
 `redact.py` (credentials out of everything written) sits at the bottom with `config.py`.
 """

@@ -148,7 +148,9 @@ class PPOTraining:
                     parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
                              {"uri": reward.checkpoint_uri, "digest": reward.digest}],
                     data={"prompts": self.prompts_digest},
-                    extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}})
+                    extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
+                           # the reward model a served policy bundles for best-of-n
+                           "reward_model": {"uri": reward.checkpoint_uri, "digest": reward.digest}})
 
     def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
         log_curves(run.run_id, run.metrics.history, ["reward", "kl"], "PPO: reward and KL to the reference",

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from models.palm import PaLM
-from models.reward import RewardModel
+from models.reward import RewardModel, rating_targets, score_to_rating
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks.config import RewardConfig
 from tasks.data.labeler import load_labeler
@@ -45,18 +45,6 @@ def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.Da
     return frame[~heldout].reset_index(drop=True), frame[heldout].reset_index(drop=True)
 
 
-def _targets(ratings: pd.Series, bins: int) -> torch.Tensor:
-    """Scalar head: the rating centred to [-1, 1]. Binned head: the bin index of the rating."""
-    r = torch.tensor(ratings.to_numpy(dtype=float), dtype=torch.float32)
-    unit = (r - MIN_RATING) / (MAX_RATING - MIN_RATING)
-    return (unit * (bins - 1)).round().long() if bins else unit * 2 - 1
-
-
-def _to_stars(score: torch.Tensor, bins: int) -> torch.Tensor:
-    unit = score / (bins - 1) if bins else (score + 1) / 2
-    return MIN_RATING + unit * (MAX_RATING - MIN_RATING)
-
-
 @torch.no_grad()
 def score_texts(rm, prompts: list[str], responses: list[str], context: int, device, batch: int = 64) -> torch.Tensor:
     rm.eval()
@@ -73,7 +61,7 @@ def heldout_metrics(rm, table: FeedbackTable, heldout: pd.DataFrame, config: Rew
     metrics = {}
     if table.kind == "ratings":
         scores = score_texts(rm, list(heldout["prompt"]), list(heldout["response"]), context, device)
-        stars = _to_stars(scores, config.model.num_binned_output)
+        stars = score_to_rating(scores, (MIN_RATING, MAX_RATING), config.model.num_binned_output)
         truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
         metrics["heldout_rating_rmse"] = float(((stars - truth) ** 2).mean().sqrt())
         pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin, seed=config.seed)
@@ -93,7 +81,8 @@ def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, context: int, devi
     if kind == "ratings":
         ids, mask, pmask = encode_dialogues(list(rows["prompt"]), list(rows["response"]), context)
         return rm(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device),
-                  labels=_targets(rows["rating"], bins).to(device))
+                  labels=rating_targets(torch.tensor(rows["rating"].to_numpy(dtype=float)), (MIN_RATING, MAX_RATING),
+                                        bins).to(device))
     c_ids, c_mask, c_pmask = encode_dialogues(list(rows["prompt"]), list(rows["chosen"]), context)
     r_ids, r_mask, r_pmask = encode_dialogues(list(rows["prompt"]), list(rows["rejected"]), context)
     loss, accuracy = rm.preference_loss(c_ids.to(device), r_ids.to(device), chosen_mask=c_mask.to(device),
@@ -173,7 +162,10 @@ class RewardFitting:
                     parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
                     data={"feedback": self.table.digest},
                     extra={"feedback": {"uri": self.feedback_uri, "digest": self.table.digest,
-                                        "kind": self.table.kind}, **self.records})
+                                        "kind": self.table.kind},
+                           # where the head's score means a rating (trained on ratings): serving speaks in it
+                           "rating_scale": [MIN_RATING, MAX_RATING] if self.table.kind == "ratings" else None,
+                           **self.records})
 
     def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
         scorer, device = parallel.plain_copy(

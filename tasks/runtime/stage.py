@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from tasks.config import Runtime, as_params
 from tasks.redact import redact, redact_uri
 from tasks.runtime.lease import RunLease
+from tasks.serving.export import log_model
 from tasks.storage.store import join_uri, store_root
 from tasks.storage.checkpoints import CheckpointRef, latest_checkpoint, read_manifest
 from tasks.tracking import client as tracking
@@ -263,16 +264,19 @@ def registered_version(model_name: str, key: str, checkpoint_uri: str) -> str | 
 
 def register(stage_name: str, model_name: str, ref: CheckpointRef, run_id: str, key: str,
              lineage: dict[str, str]) -> str:
-    """Register the stage's final checkpoint once per run key, with the tags that give lineage."""
+    """Register the stage's final checkpoint once per run key, as the MLflow model logged from it in the stage's run,
+    with the tags that give lineage."""
     existing = registered_version(model_name, key, ref.uri)
     if existing is not None:
         return existing
-    tags = {RUN_KEY_TAG: key, STAGE_TAG: stage_name, "code_version": code_version(), **lineage}
+    logged = log_model(run_id, ref.uri, ref.digest, model_name)
+    tags = {RUN_KEY_TAG: key, STAGE_TAG: stage_name, "code_version": code_version(), **lineage,
+            "model_bytes": str(logged.info["model_bytes"]), "checkpoint_bytes": str(logged.info["checkpoint_bytes"])}
     flow_run = prefect_flow_run_id()
     if flow_run:
         tags[FLOW_RUN_TAG] = flow_run
     version = registry.register_checkpoint(model_name, checkpoint_uri=ref.uri, digest=ref.digest, run_id=run_id,
-                                           lineage=tags)
+                                           lineage=tags, model_id=logged.model_id)
     first = registered_version(model_name, key, ref.uri)
     if first is not None and int(first) < int(version):
         # An identical run started at the same time registered this checkpoint a moment earlier: keep its version,

@@ -347,6 +347,16 @@ def load_checkpoint(uri: str, *, map_location="cpu", load_state: bool = True) ->
     return Checkpoint(ref=_ref(uri, manifest), manifest=manifest, weights=weights, state=state)
 
 
+def weights_file(uri: str) -> tuple[bytes, dict]:
+    """The bytes of a checkpoint's weights.safetensors, checked against its manifest (size, sha256, safetensors
+    header), and the manifest: for handing the weights on unchanged (a registered model's files)."""
+    uri = normalize(uri)
+    manifest, fs, path = _read_manifest(uri)
+    data = _verified_bytes(fs, path, uri, manifest, WEIGHTS)
+    _check_safetensors(io.BytesIO(data), len(data), uri, WEIGHTS)
+    return data, manifest
+
+
 def verify_checkpoint(uri: str) -> CheckpointRef:
     """Check every file the manifest lists (size, streamed sha256, safetensors header) without loading tensors."""
     uri = normalize(uri)

@@ -81,6 +81,18 @@ def get_client() -> MlflowClient:
     return _client(tracking_uri(), _setting("MLFLOW_REGISTRY_URI") or None)
 
 
+def use_tracking() -> None:
+    """Point MLflow's process-wide settings at this pipeline's tracking server, registry and experiment, for the MLflow
+    calls that take no client (logging a model). Every thread of a process uses the same ones."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    registry = _setting("MLFLOW_REGISTRY_URI")
+    if registry:
+        mlflow.set_registry_uri(registry)
+    mlflow.set_experiment(experiment_id=experiment_id())
+
+
 def check_tracking() -> None:
     """Fail in a second or two, with one line, when tracking cannot be reached."""
     uri = tracking_uri()
@@ -142,6 +154,10 @@ def _probe_server(uri: str) -> None:
     verify_rest_response(response, endpoint)
 
 
+# The MLflow UI opens an experiment in the view its kind names; without one it guesses (and may pick the GenAI view).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id() -> str:
     """The pipeline's experiment, created on first use (safe if two processes race)."""
     client, name = get_client(), os.environ.get("PALM_RLHF_EXPERIMENT") or "palm-rlhf"
@@ -150,11 +166,13 @@ def experiment_id() -> str:
         raise TrackingError(f"MLflow experiment {name!r} is deleted: restore it "
                             "(mlflow experiments restore) or set PALM_RLHF_EXPERIMENT")
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     try:
         root = _artifact_root(tracking_uri())
         location = f"{root}/{_slug(name)}" if root else None
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

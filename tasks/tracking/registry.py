@@ -13,12 +13,16 @@ version tag ``checkpoint_uri`` and the content digest is ``checkpoint_digest``: 
 
 from __future__ import annotations
 
+import json
+import re
 from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.tracking.client import TrackingError, check_tracking, clean, get_client, is_remote, quote, tracking_uri
+
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"
 
 
 
@@ -44,9 +48,11 @@ def _version_source(checkpoint_uri: str, run_id: str) -> str:
 
 
 def register_checkpoint(model_name: str, *, checkpoint_uri: str, digest: str, run_id: str,
-                        lineage: dict[str, str], description: str | None = None) -> str:
+                        lineage: dict[str, str], description: str | None = None, model_id: str | None = None) -> str:
     """Register a checkpoint as the next version of ``model_name``; returns the version.
 
+    With ``model_id`` (the MLflow model the stage logged from this checkpoint, as the pipeline always gives) the
+    version is that model: it loads, serves and shows its schema; without, it only points at the checkpoint.
     Versions are numbered by the registry itself, so two processes registering at once
     get distinct numbers; the registered model is created on first use.
     """
@@ -58,11 +64,18 @@ def register_checkpoint(model_name: str, *, checkpoint_uri: str, digest: str, ru
             raise
     tags = {k: clean(v) for k, v in lineage.items()}
     tags.update(checkpoint_uri=clean_uri, checkpoint_digest=digest, mlflow_run_id=run_id)
-    version = client.create_model_version(
-        model_name, _version_source(clean_uri, run_id), run_id=run_id, tags=tags,
-        description=description,
-    )
+    source = f"models:/{model_id}" if model_id else _version_source(clean_uri, run_id)
+    version = client.create_model_version(model_name, source, run_id=run_id, tags=tags, description=description,
+                                          model_id=model_id)
+    if model_id:  # the logged model's page lists the versions made from it, as mlflow.register_model records them
+        _link_logged_model(client, model_id, model_name, str(version.version))
     return str(version.version)
+
+
+def _link_logged_model(client: MlflowClient, model_id: str, model_name: str, version: str) -> None:
+    versions = json.loads(client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
+    versions.append({"name": model_name, "version": version})
+    client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
 
 
 def set_alias(model_name: str, alias: str, version) -> None:
@@ -123,6 +136,15 @@ def _model_version(client: MlflowClient, uri: str):
         raise TrackingError(f"{uri}: {name} has no {missing}; {_what_exists(client, name)}") from None
 
 
+def _model_id(mv) -> str | None:
+    """The logged MLflow model a version is (None for a version that only points at a checkpoint). Some stores keep
+    it only in the version's source, models:/<model_id>."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source[len("models:/"):] if re.fullmatch(r"models:/m-[0-9a-f]+", source) else None
+
+
 def resolve_model_uri(uri: str) -> dict:
     """What a stage needs to load a model, from a registry URI or a plain checkpoint URI."""
     if not uri.startswith("models:/"):
@@ -137,6 +159,7 @@ def resolve_model_uri(uri: str) -> dict:
         "checkpoint_uri": tags.get("checkpoint_uri", mv.source),
         "digest": tags.get("checkpoint_digest"),
         "run_id": mv.run_id or tags.get("mlflow_run_id"),
+        "model_id": _model_id(mv),
         "tags": tags,
         "aliases": list(getattr(mv, "aliases", []) or []),
     }

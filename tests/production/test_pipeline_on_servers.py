@@ -89,7 +89,7 @@ def test_run_artifacts_are_objects_in_the_bucket(runs, production, mlflow_server
     assert "plots/ppo.png" in paths
 
 
-def test_registered_versions_point_at_the_bucket_checkpoints(first_run):
+def test_registered_versions_are_the_logged_models_of_the_bucket_checkpoints(first_run):
     summary, _ = first_run
     client = tracking.get_client()
     versions = {stage: client.get_model_version(name, summary[stage]["model_version"])
@@ -97,13 +97,27 @@ def test_registered_versions_point_at_the_bucket_checkpoints(first_run):
     for stage, version in versions.items():
         assert version.tags["checkpoint_uri"] == summary[stage]["checkpoint_uri"]
         assert version.tags["checkpoint_digest"] == summary[stage]["digest"]
-        assert version.source == summary[stage]["checkpoint_uri"]  # a server takes s3:// sources as they are
-        assert version.run_id == summary[stage]["mlflow_run_id"]
+        # the version is the MLflow model its stage logged (through the server, into the bucket) from that checkpoint
+        assert version.source.startswith("models:/m-")
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert logged.source_run_id == version.run_id == summary[stage]["mlflow_run_id"]
     pretrained = f"palm-pretrained/{versions['pretrain'].version}"
     assert versions["reward"].tags["parent.pretrained"] == pretrained
     assert versions["ppo"].tags["parent.pretrained"] == pretrained
     assert versions["ppo"].tags["parent.reward"] == f"palm-reward/{versions['reward'].version}"
     assert versions["pretrain"].tags["data.corpus"].startswith("sha256:")
+
+
+def test_the_registered_policy_loads_from_the_server_and_answers(first_run):
+    """What a team deploying from the registry does: the model's files come through the tracking server from S3."""
+    import mlflow
+
+    summary, _ = first_run
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/palm-policy/{summary['ppo']['model_version']}")
+    answers = model.predict(["The function", "A module is"], params={"max_new_tokens": 4, "num_samples": 2,
+                                                                     "return_scores": True})
+    assert len(answers) == 2 and answers["score"].between(1, 5).all()
 
 
 def test_prefect_flow_run_completed_with_its_stage_artifacts(runs, production):

@@ -72,6 +72,17 @@ def test_embedded_default_is_sqlite_under_home(home):
     assert experiment.artifact_location.startswith((home.resolve() / "mlartifacts").as_uri())
 
 
+def test_the_experiment_opens_in_the_model_training_view(home, monkeypatch):
+    """MLflow's UI picks an experiment's view from its kind: a new experiment and one made before the tag existed
+    both open as model development, not as GenAI."""
+    client = tracking.get_client()
+    assert client.get_experiment(tracking.experiment_id()).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-elsewhere")
+    monkeypatch.setenv("PALM_RLHF_EXPERIMENT", "made-elsewhere")
+    assert tracking.experiment_id() == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_stage_runs_nest_under_the_pipeline_run_and_can_be_found_again(tracked):
     parent = start_run("pipeline", tags={"pipeline.key": "abc"})
     stage = start_run("pretrain", parent_run_id=parent, tags={"stage.key": "k1"})
