@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tasks.tracking.client import tracking_uri, use_tracking  # noqa: E402
+from tasks.tracking.client import tracking_uri  # noqa: E402
 
 PROMPT = "The function"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -86,8 +86,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
-    use_tracking()
     import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
 
     loads = load_times(args.model, args.repeats)
     info = mlflow.pyfunc.load_model(args.model).unwrap_python_model().bundle.info  # the served model's model.json

@@ -87,26 +87,41 @@ def _reward_info(manifest: dict) -> dict:
 
 
 def log_model(run_id: str, checkpoint_uri: str, digest: str, name: str) -> LoggedModel:
-    """Log the checkpoint's served model in the MLflow run `run_id` (its Models tab links it), under `name`."""
+    """Log the checkpoint's served model in the MLflow run `run_id` (its Models tab links it), under `name`.
+
+    Through this pipeline's own client, as Model.log does through MLflow's process-wide settings, which a library
+    must leave to its caller."""
     import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
-    from tasks.tracking.client import use_tracking
+    from tasks.tracking.client import experiment_id, get_client
 
-    with tempfile.TemporaryDirectory(prefix="palm-rlhf-model-") as tmp:
-        bundle = Path(tmp, "bundle")
-        info = write_bundle(checkpoint_uri, bundle, digest)
-        use_tracking()  # Model.log talks to MLflow's process-wide tracking URI: make it ours
-        with warnings.catch_warnings():  # it asks for an input example, whose check would load the model right here
-            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-            logged = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
-                               python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
-                               code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
-                               signature=signature(info["kind"], info.get("defaults", {})),
-                               pip_requirements=requirements(),
-                               metadata={"palm_rlhf": {k: info[k] for k in ("kind", "source", "model_bytes",
-                                                                             "checkpoint_bytes")}})
-    return LoggedModel(logged.model_id, logged.model_uri, info)
+    client = get_client()
+    model = client.create_logged_model(experiment_id(), name=name, source_run_id=run_id,
+                                       params=dict(client.get_run(run_id).data.params))
+    try:
+        with tempfile.TemporaryDirectory(prefix="palm-rlhf-model-") as tmp:
+            bundle, local = Path(tmp, "bundle"), Path(tmp, "model")
+            info = write_bundle(checkpoint_uri, bundle, digest)
+            described = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                              model_id=model.model_id,
+                              metadata={"palm_rlhf": {k: info[k] for k in ("kind", "source", "model_bytes",
+                                                                            "checkpoint_bytes")}})
+            with warnings.catch_warnings():  # it asks for an input example, whose check would load the model here
+                warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+                mlflow.pyfunc.save_model(
+                    str(local), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
+                    code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
+                    signature=signature(info["kind"], info.get("defaults", {})), pip_requirements=requirements(),
+                    mlflow_model=described)
+            client.log_model_artifacts(model.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return LoggedModel(model.model_id, f"models:/{model.model_id}", info)
 
 
 def requirements() -> list[str]:

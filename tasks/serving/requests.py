@@ -39,7 +39,7 @@ def _download_bundle(uri: str) -> Path:
     import mlflow
     from mlflow.models import Model
 
-    from tasks.tracking.client import get_client, use_tracking
+    from tasks.tracking.client import get_client, tracking_uri
     from tasks.tracking.registry import resolve_model_uri
 
     info = resolve_model_uri(uri)  # an unknown name, alias or version is one clear line, with what does exist
@@ -49,15 +49,15 @@ def _download_bundle(uri: str) -> Path:
         raise BundleError(f"{uri}: {version} points at a checkpoint but holds no MLflow model (registered before models "
                           f"were logged with versions): rerun its stage, or pass its checkpoint URI "
                           f"{info['checkpoint_uri']}")
-    use_tracking()
     root = get_client().get_logged_model(info["model_id"]).artifact_location.rstrip("/")
     folder = Path(tempfile.mkdtemp(prefix="palm-rlhf-model-"))
-    mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(folder))
+    download = dict(dst_path=str(folder), tracking_uri=tracking_uri())
+    mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", **download)
     flavor = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {})
     bundle = flavor.get("artifacts", {}).get("bundle", {}).get("path")
     if bundle is None:
         raise BundleError(f"{source}: {version} is an MLflow model, but not one this project logged (no bundle)")
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{bundle}", dst_path=str(folder)))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{bundle}", **download))
 
 
 def request_prompts(prompts: list[str], input_url: str | None) -> list[str]:

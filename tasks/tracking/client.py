@@ -81,18 +81,6 @@ def get_client() -> MlflowClient:
     return _client(tracking_uri(), _setting("MLFLOW_REGISTRY_URI") or None)
 
 
-def use_tracking() -> None:
-    """Point MLflow's process-wide settings at this pipeline's tracking server, registry and experiment, for the MLflow
-    calls that take no client (logging a model). Every thread of a process uses the same ones."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    registry = _setting("MLFLOW_REGISTRY_URI")
-    if registry:
-        mlflow.set_registry_uri(registry)
-    mlflow.set_experiment(experiment_id=experiment_id())
-
-
 def check_tracking() -> None:
     """Fail in a second or two, with one line, when tracking cannot be reached."""
     uri = tracking_uri()

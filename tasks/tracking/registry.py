@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
@@ -65,11 +67,26 @@ def register_checkpoint(model_name: str, *, checkpoint_uri: str, digest: str, ru
     tags = {k: clean(v) for k, v in lineage.items()}
     tags.update(checkpoint_uri=clean_uri, checkpoint_digest=digest, mlflow_run_id=run_id)
     source = f"models:/{model_id}" if model_id else _version_source(clean_uri, run_id)
-    version = client.create_model_version(model_name, source, run_id=run_id, tags=tags, description=description,
-                                          model_id=model_id)
+    with _store_resolves_through(tracking_uri()):
+        version = client.create_model_version(model_name, source, run_id=run_id, tags=tags, description=description,
+                                              model_id=model_id)
     if model_id:  # the logged model's page lists the versions made from it, as mlflow.register_model records them
         _link_logged_model(client, model_id, model_name, str(version.version))
     return str(version.version)
+
+
+@contextmanager
+def _store_resolves_through(uri: str) -> Iterator[None]:
+    """A local (SQL) registry store resolves a models:/<model_id> source through MLflow's process-wide tracking URI,
+    not its client's (a TODO in mlflow/store/model_registry/sqlalchemy_store.py::create_model_version): for this one
+    call it is ours, without touching MLFLOW_TRACKING_URI (which mlflow.set_tracking_uri would rewrite)."""
+    from mlflow.tracking._tracking_service import utils
+
+    before, utils._tracking_uri = utils._tracking_uri, uri
+    try:
+        yield
+    finally:
+        utils._tracking_uri = before
 
 
 def _link_logged_model(client: MlflowClient, model_id: str, model_name: str, version: str) -> None:

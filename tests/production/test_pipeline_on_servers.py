@@ -112,8 +112,7 @@ def test_the_registered_policy_loads_from_the_server_and_answers(first_run):
     """What a team deploying from the registry does: the model's files come through the tracking server from S3."""
     import mlflow
 
-    summary, _ = first_run
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    summary, _ = first_run  # MLFLOW_TRACKING_URI names the server, as in a deploying team's shell
     model = mlflow.pyfunc.load_model(f"models:/palm-policy/{summary['ppo']['model_version']}")
     answers = model.predict(["The function", "A module is"], params={"max_new_tokens": 4, "num_samples": 2,
                                                                      "return_scores": True})

@@ -23,10 +23,8 @@ def registry(tmp_path_factory):
     pretrained = run_pretrain(config.pretrain)
     reward = run_reward(config.reward, pretrained.checkpoint_uri)
     policy = run_ppo(config.ppo, pretrained.checkpoint_uri, reward.checkpoint_uri)
-    import mlflow
-
     from tasks.tracking.client import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
+    patch.setenv("MLFLOW_TRACKING_URI", tracking_uri())  # for mlflow's own calls in the tests (load_model)
     yield {"home": home, "pretrain": pretrained, "reward": reward, "ppo": policy}
     patch.undo()
