@@ -119,7 +119,7 @@ def _check_stage(name: str, config, inputs: dict) -> None:
 
     stage_config = getattr(config, name)
     if name == "pretrain":
-        pretrain.load_corpus(stage_config)
+        pretrain.check_corpus_input(stage_config)
         resolve_runtime(stage_config.runtime)
     elif name == "reward":
         reward.check_inputs(stage_config, inputs["pretrained"])
@@ -137,7 +137,7 @@ def _check_pipeline(config) -> None:
     from tasks.runtime.stage import resolve_runtime
     from tasks.tracking import client as tracking
 
-    pretrain.load_corpus(config.pretrain)
+    pretrain.check_corpus_input(config.pretrain)
     for name in STAGES:
         resolve_runtime(getattr(config, name).runtime)
     tracking.check_tracking()

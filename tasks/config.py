@@ -69,11 +69,21 @@ def _split_evenly(runtime: Runtime, **sizes: int) -> None:
                              f"x runtime.nnodes = {runtime.world_size}")
 
 
+BYTES_VOCAB = 258  # UTF-8 bytes, end-of-text and padding (tasks/data/tokenizer.py)
+DEFAULT_BPE_VOCAB = 4096
+
+
 class PretrainConfig(_Config):
     corpus: str | None = None  # fsspec URL (text, Parquet, JSONL); None: the built-in CPython documentation text
     text_column: str = "text"
-    # the architecture, set here only: later stages read it from the checkpoint (num_tokens 256: byte tokens)
-    model: PaLMConfig = PaLMConfig(num_tokens=256, dim=128, depth=4, heads=4, dim_head=32, ff_mult=4, max_seq_len=256)
+    # bytes: UTF-8 bytes; bpe: a byte-level BPE trained on the corpus before the first step. Either way an
+    # end-of-text token follows every document, and every later stage and served model uses this tokenizer.
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    vocab_size: PositiveInt | None = None  # bpe's vocabulary (4096 unless set); bytes has 258
+    # the architecture, set here only: later stages read it from the checkpoint. num_tokens follows the tokenizer's
+    # vocabulary unless set
+    model: PaLMConfig = PaLMConfig(num_tokens=BYTES_VOCAB, dim=128, depth=4, heads=4, dim_head=32, ff_mult=4,
+                                   max_seq_len=256)
     steps: PositiveInt = 600
     batch_size: PositiveInt = 16
     seq_len: PositiveInt = 128
@@ -86,15 +96,37 @@ class PretrainConfig(_Config):
     seed: int = 0
     runtime: Runtime = Runtime()
 
+    @property
+    def tokenizer_vocab(self) -> int:
+        return BYTES_VOCAB if self.tokenizer == "bytes" else self.vocab_size or DEFAULT_BPE_VOCAB
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vocabulary_follows_the_tokenizer(cls, data):
+        """A model left at the default vocabulary gets the tokenizer's; one set otherwise keeps it (and is checked)."""
+        if not isinstance(data, dict) or data.get("tokenizer", "bytes") == "bytes":
+            return data
+        model = data.get("model")
+        model = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model or {})
+        if model.get("num_tokens", BYTES_VOCAB) == BYTES_VOCAB:
+            vocab = data.get("vocab_size") or DEFAULT_BPE_VOCAB
+            defaults = dataclasses.asdict(cls.model_fields["model"].default)
+            data = {**data, "model": {**defaults, **model, "num_tokens": vocab}}
+        return data
+
     @model_validator(mode="after")
     def _fits_context(self):
+        if self.tokenizer == "bytes" and self.vocab_size not in (None, BYTES_VOCAB):
+            raise ValueError(f"vocab_size ({self.vocab_size}) is for the bpe tokenizer; bytes has {BYTES_VOCAB} ids")
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) is longer than the model context model.max_seq_len "
                              f"({self.model.max_seq_len})")
         if not self.model.causal:
             raise ValueError("model.causal must be true: pretraining predicts each next token from the ones before")
-        if self.model.num_tokens < 256:
-            raise ValueError(f"model.num_tokens ({self.model.num_tokens}) is too small for byte tokens (256)")
+        if self.model.num_tokens < self.tokenizer_vocab:
+            what = "byte tokens" if self.tokenizer == "bytes" else "the BPE vocabulary"
+            raise ValueError(f"model.num_tokens ({self.model.num_tokens}) is too small for {what} "
+                             f"({self.tokenizer_vocab})")
         _split_evenly(self.runtime, batch_size=self.batch_size)
         return self
 
@@ -109,7 +141,12 @@ class RewardConfig(_Config):
     # one sampling temperature, or several that the samples of each prompt take in turn: feedback on sharper text
     # too, which is where PPO will take the policy (the reward model must know that region, not only T = 1)
     temperature: PositiveFloat | list[PositiveFloat] = [1.0, 0.9, 0.8, 0.7]
-    pair_margin: float = Field(1.5, gt=0)  # stars between chosen and rejected: a clear preference
+    # a clear preference between two rated answers: stars on a five-star scale (a quarter of it per star on others)
+    pair_margin: float = Field(1.5, gt=0)
+    # the ratings' scale, e.g. [0, 1] for thumbs or [1, 10]; None: the feedback's lowest and highest rating (the
+    # simulated labeler's is [1, 5]). The reward model's scores and reports speak in it.
+    rating_scale: tuple[float, float] | None = None
+    on_too_long: Literal["cut", "drop", "error"] = "cut"  # a row longer than the context: cut it to fit, drop, refuse
     # the head and LoRA (models.reward.RewardModelConfig): per-token, an MLP scores each response token from its
     # embedding and log-likelihood and the reward is their mean; mean-pooled, the reference's linear head on the mean
     # embedding (models/reward.py says why per-token is better). num_binned_output: 0 = scalar head (MSE on ratings)
@@ -135,6 +172,13 @@ class RewardConfig(_Config):
             raise ValueError("give one temperature above 0 or a non-empty list of them")
         return value
 
+    @field_validator("rating_scale")
+    @classmethod
+    def _low_to_high(cls, value):
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"give the lowest and then the highest rating, got {list(value)}")
+        return value
+
     @model_validator(mode="after")
     def _ranks(self):
         _split_evenly(self.runtime, batch_size=self.batch_size)
@@ -142,7 +186,9 @@ class RewardConfig(_Config):
 
 
 class PPOConfig(_Config):
-    prompts: str | None = None  # a prompt file URL; None: training prompts cut from the corpus
+    # training prompts: a file URL (JSONL/CSV/Parquet with a `prompt` column, or text lines); None: the feedback file's
+    # training prompts, or (the built-in demo, whose feedback is simulated) prompts cut from the corpus
+    prompts: str | None = None
     num_prompts: PositiveInt = 512
     prompt_chars: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
@@ -170,8 +216,12 @@ class PPOConfig(_Config):
 
 
 class EvalConfig(_Config):
-    prompts: str | None = None  # held-out prompt file URL; None: held-out prompts cut from the corpus
-    labeler: str = "builtin:real-words"  # the oracle
+    # held-out prompts: a file URL; None: the feedback file's held-out prompts, or (the built-in demo, whose feedback
+    # is simulated) held-out prompts cut from the corpus
+    prompts: str | None = None
+    # the oracle, a rater no model saw: a spec as reward.labeler takes; None: the simulated feedback's own rater for
+    # the built-in demo, and no oracle when you brought feedback (no stars are made up for your data)
+    labeler: str | None = None
     num_prompts: PositiveInt = 64
     prompt_chars: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
@@ -205,7 +255,7 @@ def demo() -> PipelineConfig:
 
 def tiny() -> PipelineConfig:
     """Seconds per stage on CPU: for tests and smoke runs. Numbers mean nothing at this size."""
-    model = PaLMConfig(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
+    model = PaLMConfig(num_tokens=BYTES_VOCAB, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
     return PipelineConfig(
         pretrain=PretrainConfig(model=model, steps=12, batch_size=4, seq_len=48, warmup_steps=2, eval_every=6,
                                 checkpoint_every=6),

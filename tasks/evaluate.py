@@ -1,118 +1,94 @@
-"""Stage 4: best-of-n evaluation of the pretrained and the PPO policy on held-out prompts.
+"""Stage 4: evaluation of the pretrained and the PPO policy, and of best-of-n on each, on held-out prompts.
 
-For each policy, N = max(n_values) samples per prompt are drawn once; best-of-n for every n <= N picks, among the
-first n samples, the one the reward model scores highest, and the oracle (the labeler, never seen by any model)
-rates it. KL per token to the reference is a Monte-Carlo estimate on the policy's own samples. The policy becomes
-`champion` only if its mean reward beats the current champion's on the same prompts and reward model.
+For each policy, N = max(n_values) answers per prompt are drawn once (tasks/evaluation/sampling.py); best-of-n for
+every n <= N picks, among the first n answers, the one the reward model scores highest. The oracle (a rater no model
+was trained on) rates every answer when there is one: the simulated feedback's rater for the built-in demo, or
+`eval.labeler`; a user who brought feedback and no rater gets no made-up stars, and the report says so. Each policy's
+win rate against the pretrained policy is paired per prompt, with a 95% interval (tasks/evaluation/metrics.py), on the
+oracle when there is one and on the reward model otherwise. KL per token to the reference is a Monte-Carlo estimate on
+the policy's own answers. The policy becomes `champion` only if its mean reward beats the current champion's on the
+same prompts and reward model.
 """
 
 from __future__ import annotations
 
-import re
-
-import pandas as pd
 import torch
-
-from models.palm import PaLM
-from models.ppo import gather_logprobs
-from models.rlhf import select_best_of_n
 from prefect.artifacts import create_table_artifact
 
+from models.rlhf import select_best_of_n
 from tasks.config import EvalConfig
 from tasks.data.files import text_digest
-from tasks.data.labeler import labeler_identity, load_labeler, rate_all
+from tasks.data.labeler import Labeler, labeler_identity, load_labeler, rate_all
 from tasks.data.prompts import make_prompts, read_prompts
-from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.data.tokens import check_prompts_fit, fit_prompts
+from tasks.evaluation.metrics import distinct_n, length_stats, win_rate
+from tasks.evaluation.report import examples_text, length_plot, rating_plot, report_text, results_table, table_rows
+from tasks.evaluation.sampling import Samples, sample_policy
 from tasks.runtime.orchestration import compute_task
-from tasks.runtime.progress import progress_bar
 from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key
-from tasks.storage.inputs import (InputError, ModelInput, check_same_base, load_palm, load_policy, load_reward_model,
-                                  resolve_input, training_corpus)
+from tasks.storage.inputs import (InputError, ModelInput, check_same_base, corpus_sample, feedback_prompts, load_palm,
+                                  load_policy, load_reward_model, resolve_input)
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_table, log_text, log_text_dataset
 from tasks.tracking.registry import get_alias, set_alias
 
 POLICY_MODEL = "palm-policy"
+BASELINE = "pretrained"  # what every win rate is against: the pretrained policy at eval.temperature
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct word n-grams over all n-grams in the samples (Li et al. 2016): 1.0 is no repetition at all."""
-    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-@torch.no_grad()
-def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, prompts: list[str], config: EvalConfig,
-                  device, label: str) -> dict:
-    """N samples per prompt with reward-model scores and per-sample KL to the reference, as (p, N) tensors."""
-    N = max(config.n_values)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    texts, scores, kls, lengths = [], [], [], []
-    with progress_bar(f"eval {label}", len(prompts)) as show:
-        for i, prompt in enumerate(prompts):
-            ids, mask = encode_prompts([prompt] * N)
-            ids, mask = ids.to(device), mask.to(device)
-            gen = palm.sample(ids, mask, config.max_new_tokens, temperature=config.temperature, filter_thres=0.0,
-                              finetune_scope=scope, generator=generator)
-            seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
-            prompt_part = torch.cat((mask, torch.zeros_like(gen.mask)), dim=-1)
-            scores.append(rm.score(seq, mask=seq_mask, prompt_mask=prompt_part).float().cpu())
-            logp = gather_logprobs(palm(seq[:, :-1], mask=seq_mask[:, :-1], finetune_scope=scope)[:, -T:], gen.tokens)
-            ref_logp = gather_logprobs(reference(seq[:, :-1], mask=seq_mask[:, :-1])[:, -T:], gen.tokens)
-            kls.append(((logp - ref_logp) * gen.mask).sum(-1).cpu())
-            lengths.append(gen.mask.sum(-1).cpu())
-            texts.append(decode_responses(gen.tokens.cpu(), gen.mask.cpu()))
-            show(i + 1)
-    return {"texts": texts, "scores": torch.stack(scores), "kl": torch.stack(kls), "lengths": torch.stack(lengths)}
-
-
-def policy_metrics(name: str, samples: dict, ratings: torch.Tensor, n_values: list[int]) -> dict[str, float]:
-    m = {f"oracle_mean.{name}": ratings.mean().item(), f"reward_mean.{name}": samples["scores"].mean().item(),
-         f"kl_per_token.{name}": (samples["kl"].sum() / samples["lengths"].sum().clamp(min=1)).item(),
-         f"response_length.{name}": samples["lengths"].float().mean().item()}
-    flat = [t for row in samples["texts"] for t in row]
-    m[f"distinct_1.{name}"], m[f"distinct_2.{name}"] = distinct_n(flat, 1), distinct_n(flat, 2)
+def policy_metrics(name: str, samples: Samples, baseline: Samples, ratings: torch.Tensor | None,
+                   baseline_ratings: torch.Tensor | None, n_values: list[int]) -> dict[str, float]:
+    """Every number of one policy and of best-of-n on it. Win rates are on the oracle's ratings when there are any,
+    else on the reward model's scores."""
+    judge, against = (ratings, baseline_ratings) if ratings is not None else (samples.scores, baseline.scores)
+    m = {f"reward_mean.{name}": samples.scores.mean().item(),
+         f"kl_per_token.{name}": (samples.kl.sum() / samples.lengths.sum().clamp(min=1)).item(),
+         f"response_length.{name}": samples.lengths.float().mean().item()}
+    if ratings is not None:
+        m[f"oracle_mean.{name}"] = ratings.mean().item()
+    m.update(_win(f"win_rate.{name}", judge, against))
+    m.update(_win(f"reward_win_rate.{name}", samples.scores, baseline.scores))
+    lengths = length_stats(samples.lengths, samples.stopped)
+    m.update({f"response_length.{name}.{k}": v for k, v in lengths.items() if k in ("p10", "p50", "p90")})
+    m[f"stopped.{name}"] = lengths["stopped"]
+    m[f"distinct_1.{name}"], m[f"distinct_2.{name}"] = distinct_n(samples.flat_texts, 1), distinct_n(samples.flat_texts, 2)
     for n in n_values:
-        best = select_best_of_n(samples["scores"], n)[:, None]
-        m[f"oracle_mean.{name}.best_of_{n}"] = ratings.gather(1, best).mean().item()
-        m[f"reward_mean.{name}.best_of_{n}"] = samples["scores"].gather(1, best).mean().item()
+        best = select_best_of_n(samples.scores, n)[:, None]
+        m[f"reward_mean.{name}.best_of_{n}"] = samples.scores.gather(1, best).mean().item()
+        if ratings is not None:
+            m[f"oracle_mean.{name}.best_of_{n}"] = ratings.gather(1, best).mean().item()
+        m.update(_win(f"win_rate.{name}.best_of_{n}", judge.gather(1, best), against))
     return m
 
 
-def results_table(metrics: dict[str, float], policies: list[str], n_values: list[int]) -> pd.DataFrame:
-    rows = [{"policy": p, "n": n, "oracle_mean": metrics[f"oracle_mean.{p}.best_of_{n}"],
-             "reward_mean": metrics[f"reward_mean.{p}.best_of_{n}"]} for p in policies for n in n_values]
-    return pd.DataFrame(rows)
+def _win(key: str, scores: torch.Tensor, baseline: torch.Tensor) -> dict[str, float]:
+    rate, low, high = win_rate(scores, baseline)
+    return {key: rate, f"{key}.ci_low": low, f"{key}.ci_high": high}
 
 
-def rating_plot(table: pd.DataFrame):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=110)
-    ax = fig.add_subplot()
-    for policy, rows in table.groupby("policy", sort=False):
-        ax.plot(rows["n"], rows["oracle_mean"], marker="o", label=policy)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("best-of-n (n samples, reward model picks)")
-    ax.set_ylabel("oracle rating (stars)")
-    ax.set_title("held-out prompts: rating vs n")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+def eval_prompts(config: EvalConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[list[str], str]:
+    """eval.prompts; else the held-out prompts of the feedback the reward model was fitted on (never PPO's); else
+    (simulated feedback: the built-in demo) held-out prompts cut from the corpus."""
+    if config.prompts:
+        return read_prompts(config.prompts), config.prompts
+    from_feedback = feedback_prompts(reward, "heldout")
+    if from_feedback is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
+        fitted, _ = fit_prompts(from_feedback[:config.num_prompts], pretrained.tokenizer,
+                                pretrained.palm_config["max_seq_len"], config.max_new_tokens)
+        return fitted, "feedback:heldout-prompts"
+    sample, _ = corpus_sample(pretrained)
+    return (make_prompts(sample, config.num_prompts, config.prompt_chars, split="heldout", seed=config.seed),
+            "corpus:heldout")
 
 
-def examples_text(prompts: list[str], per_policy: dict[str, dict], ratings: dict[str, torch.Tensor], k: int) -> str:
-    lines = []
-    for i, prompt in enumerate(prompts[:k]):
-        lines.append(f"### prompt {i}: {prompt!r}")
-        for name, samples in per_policy.items():
-            best = int(samples["scores"][i].argmax())
-            lines.append(f"- {name} (sample 0, {ratings[name][i, 0]:.1f} stars): {samples['texts'][i][0]!r}")
-            lines.append(f"- {name} (best of {samples['scores'].shape[1]}, {ratings[name][i, best]:.1f} stars): "
-                         f"{samples['texts'][i][best]!r}")
-        lines.append("")
-    return "\n".join(lines)
+def eval_oracle(config: EvalConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[Labeler | None, str | None]:
+    """The oracle and its spec: eval.labeler; else the rater that simulated the reward model's feedback; else none."""
+    feedback = reward.manifest.get("feedback") or {}
+    spec = config.labeler or (feedback.get("labeler") if feedback.get("simulated") else None)
+    if spec is None:
+        return None, None
+    sample, _ = corpus_sample(pretrained) if spec.startswith("builtin:") else ("", None)
+    return load_labeler(spec, sample), spec
 
 
 def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_uri: str):
@@ -125,12 +101,11 @@ def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str
     if reference.get("digest") not in (None, pretrained.digest):
         raise InputError(f"--policy {policy.ref} was trained from {reference['digest']}, not from --pretrained "
                          f"{pretrained.ref} ({pretrained.digest}): KL to the reference would be meaningless")
-    corpus_text, _ = training_corpus(pretrained)
-    prompts = read_prompts(config.prompts) if config.prompts else make_prompts(
-        corpus_text, config.num_prompts, config.prompt_chars, split="heldout", seed=config.seed)
-    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "eval.prompts")
-    oracle = load_labeler(config.labeler, corpus_text)
-    return pretrained, reward, policy, prompts, oracle
+    prompts, source = eval_prompts(config, pretrained, reward)
+    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.max_new_tokens,
+                      "eval.prompts")
+    oracle, spec = eval_oracle(config, pretrained, reward)
+    return pretrained, reward, policy, prompts, source, oracle, spec
 
 
 def champion_input(policy: ModelInput) -> ModelInput | None:
@@ -149,42 +124,52 @@ def promote(policy: ModelInput, pretrained: ModelInput, reward: ModelInput) -> N
 
 def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_uri: str, *,
              parent_run_id: str | None = None) -> StageResult:
-    pretrained, reward, policy, prompts, oracle = resolve_eval_inputs(config, pretrained_uri, reward_uri, policy_uri)
+    pretrained, reward, policy, prompts, source, oracle, spec = resolve_eval_inputs(config, pretrained_uri,
+                                                                                    reward_uri, policy_uri)
     tracking.check_tracking()
     champion = champion_input(policy)
     prompts_digest = text_digest("\n".join(prompts))
     key = run_key("eval", config, {"pretrained": pretrained.digest, "reward": reward.digest, "policy": policy.digest,
                                    "champion": champion.digest if champion else None, "prompts": prompts_digest,
-                                   "oracle": labeler_identity(oracle, config.labeler)})
+                                   "oracle": labeler_identity(oracle, spec) if oracle else None})
     device, _ = resolve_runtime(config.runtime)
+    tokenizer = pretrained.tokenizer
     with mlflow_run("eval", key, config, parent_run_id=parent_run_id) as run:
-        log_text_dataset(run.run_id, name="eval-prompts", source_uri=config.prompts or "corpus:heldout",
-                         digest=prompts_digest, context="evaluation", preview="\n".join(prompts[:20]))
+        log_text_dataset(run.run_id, name="eval-prompts", source_uri=source, digest=prompts_digest,
+                         context="evaluation", preview="\n".join(prompts[:20]))
+        client = tracking.get_client()
+        client.set_tag(run.run_id, "oracle", spec or "none")
         reference = load_palm(pretrained, device).eval()
         rm = load_reward_model(reward, device)
         ac = load_policy(policy, device)
-        candidates = {"pretrained": (reference, None), "ppo": (ac.palm, ac.actor_scope)}
+        candidates = {BASELINE: (reference, None), "ppo": (ac.palm, ac.actor_scope)}
         if champion is not None:
             champ = load_policy(champion, device)
             candidates["champion"] = (champ.palm, champ.actor_scope)
-        per_policy, ratings, metrics = {}, {}, {}
+        samples, ratings = {}, {}
         for name, (palm, scope) in candidates.items():
-            samples = sample_policy(palm, scope, reference, rm, prompts, config, device, name)
-            flat = [t for row in samples["texts"] for t in row]
-            N = samples["scores"].shape[1]
-            rated = rate_all(oracle, [p for p in prompts for _ in range(N)], flat)
-            ratings[name] = torch.tensor(rated, dtype=torch.float32).reshape(samples["scores"].shape)
-            per_policy[name] = samples
-            metrics.update(policy_metrics(name, samples, ratings[name], config.n_values))
+            samples[name] = sample_policy(palm, scope, reference, rm, tokenizer, prompts, samples=max(config.n_values),
+                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                          seed=config.seed, device=device, label=name)
+            if oracle is not None:
+                N = samples[name].scores.shape[1]
+                rated = rate_all(oracle, [p for p in prompts for _ in range(N)], samples[name].flat_texts)
+                ratings[name] = torch.tensor(rated, dtype=torch.float32).reshape(samples[name].scores.shape)
+        metrics = {}
+        for name in candidates:
+            metrics.update(policy_metrics(name, samples[name], samples[BASELINE], ratings.get(name),
+                                          ratings.get(BASELINE), config.n_values))
         promoted = champion is None or metrics["reward_mean.ppo"] > metrics["reward_mean.champion"]
         metrics["promoted"] = float(promoted)
         table = results_table(metrics, list(candidates), config.n_values)
         run.metrics.log(0, **metrics)
         run.metrics.flush()
         log_table(run.run_id, table, "eval/results.json")
-        tracking.get_client().log_figure(run.run_id, rating_plot(table), "plots/rating_vs_n.png")
-        log_text(run.run_id, examples_text(prompts, per_policy, ratings, config.num_examples),
-                          "eval/examples.md")
+        client.log_figure(run.run_id, rating_plot(table), "plots/rating_vs_n.png")
+        client.log_figure(run.run_id, length_plot(samples, config.max_new_tokens), "plots/response_lengths.png")
+        log_text(run.run_id, report_text(metrics, list(candidates), spec, "oracle" if oracle else "reward model"),
+                 "eval/report.md")
+        log_text(run.run_id, examples_text(prompts, samples, ratings or None, config.num_examples), "eval/examples.md")
         if promoted and policy.name == POLICY_MODEL:
             promote(policy, pretrained, reward)
     return StageResult(stage="eval", checkpoint_uri=policy.checkpoint_uri, digest=policy.digest,
@@ -192,25 +177,11 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
                        run_key=key, metrics=metrics)
 
 
-
-def eval_rows(metrics: dict[str, float]) -> list[dict]:
-    """One row per policy and n, from metric names like oracle_mean.ppo.best_of_16."""
-    rows = []
-    for key, value in metrics.items():
-        match = re.fullmatch(r"oracle_mean\.(\w+)\.best_of_(\d+)", key)
-        if match:
-            policy, n = match.groups()
-            rows.append({"policy": policy, "n": int(n), "oracle_mean": round(value, 3),
-                         "reward_mean": round(metrics[f"reward_mean.{policy}.best_of_{n}"], 3),
-                         "kl_per_token": round(metrics[f"kl_per_token.{policy}"], 4),
-                         "distinct_2": round(metrics[f"distinct_2.{policy}"], 3)})
-    return sorted(rows, key=lambda r: (r["policy"], r["n"]))
-
-
 @compute_task("eval-best-of-n")
 def eval_task(config: EvalConfig, pretrained: str, reward_model: str, policy: str,
               parent_run_id: str | None) -> StageResult:
     result = run_eval(config, pretrained, reward_model, policy, parent_run_id=parent_run_id)
-    create_table_artifact(eval_rows(result.metrics), key="palm-rlhf-eval-results",
-                          description="best-of-n on held-out prompts: oracle rating and reward-model score")
+    create_table_artifact(table_rows(result.metrics), key="palm-rlhf-eval-results",
+                          description="best-of-n on held-out prompts: oracle rating (when there is an oracle) and "
+                                      "reward-model score")
     return result

@@ -48,7 +48,9 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
     if done is not None:
         return done
     prompts = make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
-    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.response_tokens, "reward.feedback")
+    tokenizer = pretrained.tokenizer
+    check_prompts_fit(prompts, tokenizer, pretrained.palm_config["max_seq_len"], config.response_tokens,
+                      "reward.feedback")
     palm = load_palm(pretrained, device).eval()
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rows_prompt, rows_response, rows_temperature = [], [], []
@@ -62,11 +64,12 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
                 if not count:
                     continue
                 chunk = [p for p in prompts[start:start + per_batch] for _ in range(count)]
-                ids, mask = encode_prompts(chunk)
+                ids, mask = encode_prompts(chunk, tokenizer)
                 gen = palm.sample(ids.to(device), mask.to(device), config.response_tokens,
-                                  temperature=temperature, filter_thres=0.0, generator=generator)
+                                  temperature=temperature, filter_thres=0.0, generator=generator,
+                                  eos_token=tokenizer.eos_id, pad_value=tokenizer.pad_id)
                 rows_prompt += chunk
-                rows_response += decode_responses(gen.tokens.cpu(), gen.mask.cpu())
+                rows_response += decode_responses(gen.tokens.cpu(), gen.mask.cpu(), tokenizer)
                 rows_temperature += [temperature] * len(chunk)
             show(min(start + per_batch, len(prompts)))
     ratings = pd.DataFrame({"prompt": rows_prompt, "response": rows_response,

@@ -15,14 +15,14 @@ from models.training import capture_rng, restore_rng
 from tasks.config import PPOConfig
 from tasks.data.files import text_digest
 from tasks.data.prompts import make_prompts, read_prompts
-from tasks.data.tokens import check_prompts_fit, encode_prompts
+from tasks.data.tokens import check_prompts_fit, encode_prompts, fit_prompts
 from tasks.runtime import parallel
 from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimizer_state_dict, train
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import (ModelInput, check_same_base, load_palm, load_reward_model, resolve_input,
-                                  training_corpus)
+from tasks.storage.inputs import (TOKENIZER_FILE, ModelInput, check_same_base, corpus_sample, feedback_prompts,
+                                  load_palm, load_reward_model, resolve_input)
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_text_dataset
 from tasks.tracking.samples import log_samples
@@ -63,7 +63,8 @@ def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, 
     torch.manual_seed(config.seed)  # the LoRA initialisation
     trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
-                          critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed)
+                          critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed,
+                          pad_value=pretrained.tokenizer.pad_id)
     return trainer.to(device)
 
 
@@ -77,18 +78,18 @@ def check_policy_finite(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Ten
 
 
 def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config: PPOConfig,
-             averager: parallel.GradientAverager | None) -> dict[str, float]:
+             averager: parallel.GradientAverager | None, eos_token: int) -> dict[str, float]:
     """One PPO iteration. Across ranks, each samples and scores its share of the rollouts from its own stream, the
     KL controller moves on the mean KL over all of them, and the update averages gradients (`averager`), so every
     rank applies the same update. Not the one-process numbers: advantages are whitened per rank, and the samples
     differ."""
     if averager is None:
         return trainer.step(ids, mask, config.max_new_tokens, minibatch_size=config.minibatch_size,
-                            temperature=config.temperature)
+                            temperature=config.temperature, eos_token=eos_token)
     seed = int(torch.randint(0, 2**62, (1,), generator=trainer.data_generator))  # a stream saved with checkpoints
     trainer.generators()["sample"].manual_seed(seed + parallel.rank())
     kl_before = trainer.kl.state_dict()
-    exp, stats = trainer.rollout(ids, mask, config.max_new_tokens, temperature=config.temperature)
+    exp, stats = trainer.rollout(ids, mask, config.max_new_tokens, temperature=config.temperature, eos_token=eos_token)
     stats = parallel.mean(stats)
     trainer.kl.load_state_dict(kl_before)  # rollout() moved it on this rank's KL alone
     trainer.kl.update(stats["kl"], config.rollout_batch)
@@ -110,6 +111,7 @@ class PPOTraining:
                  prompts_digest: str):
         self.config, self.pretrained, self.reward = config, pretrained, reward
         self.prompts, self.prompts_digest = prompts, prompts_digest
+        self.tokenizer = pretrained.tokenizer
         self.steps, self.checkpoint_every = config.steps, config.checkpoint_every
 
     def start(self, run: StageRun, resumed: Checkpoint | None) -> None:
@@ -132,9 +134,9 @@ class PPOTraining:
     def step(self, step: int) -> dict[str, float]:
         cfg = self.config
         idx = torch.randint(0, len(self.prompts), (cfg.rollout_batch,), generator=self.trainer.data_generator)
-        ids, mask = encode_prompts([self.prompts[i] for i in parallel.shard(idx).tolist()])
+        ids, mask = encode_prompts([self.prompts[i] for i in parallel.shard(idx).tolist()], self.tokenizer)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        stats = ppo_step(self.trainer, ids, mask, cfg, self.averager)
+        stats = ppo_step(self.trainer, ids, mask, cfg, self.averager, self.tokenizer.eos_id)
         check_finite(stats)  # a number that went wrong says so before the weights it came from are looked at
         check_policy_finite(self.trainer, ids, mask)
         return {**stats, "tokens_per_s": self.clock.rate(stats["response_length"] * cfg.rollout_batch)}
@@ -150,44 +152,57 @@ class PPOTraining:
                     data={"prompts": self.prompts_digest},
                     extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
                            # the reward model a served policy bundles for best-of-n
-                           "reward_model": {"uri": reward.checkpoint_uri, "digest": reward.digest}})
+                           "reward_model": {"uri": reward.checkpoint_uri, "digest": reward.digest},
+                           "tokenizer": pretrained.manifest["tokenizer"]},
+                    files={TOKENIZER_FILE: self.tokenizer.to_file()})
 
     def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
         log_curves(run.run_id, run.metrics.history, ["reward", "kl"], "PPO: reward and KL to the reference",
                    "plots/ppo.png")
         ac = self.trainer.actor_critic
-        log_samples(run.run_id, ac.palm, scope=ac.actor_scope, device=run.device,
+        log_samples(run.run_id, ac.palm, self.tokenizer, scope=ac.actor_scope, device=run.device,
                     max_new_tokens=self.config.max_new_tokens, prompts=self.prompts[:4], seed=self.config.seed)
         return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in metrics}
 
 
-def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
+def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[list[str], str]:
+    """The training prompts and where they came from: ppo.prompts; else the training prompts of the feedback the
+    reward model was fitted on; else (simulated feedback: the built-in demo) prompts cut from the corpus."""
     if config.prompts:
-        return read_prompts(config.prompts)
-    corpus_text, _ = training_corpus(pretrained)
-    return make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
+        return read_prompts(config.prompts), config.prompts
+    from_feedback = feedback_prompts(reward, "train")
+    if from_feedback is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
+        fitted, _ = fit_prompts(from_feedback, pretrained.tokenizer, pretrained.palm_config["max_seq_len"],
+                                config.max_new_tokens)
+        return fitted, "feedback:train-prompts"
+    sample, _ = corpus_sample(pretrained)
+    return (make_prompts(sample, config.num_prompts, config.prompt_chars, split="train", seed=config.seed),
+            "corpus:train-prompts")
 
 
-def check_inputs(config: PPOConfig, pretrained_uri: str, reward_uri: str) -> tuple[ModelInput, ModelInput, list[str]]:
-    """Every check on the stage's inputs, before any compute: both models, the device, and the prompts."""
+def check_inputs(config: PPOConfig, pretrained_uri: str,
+                 reward_uri: str) -> tuple[ModelInput, ModelInput, list[str], str]:
+    """Every check on the stage's inputs, before any compute: both models, the device, and the prompts (and where
+    they came from)."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     reward = resolve_input(reward_uri, "reward", "--reward-model")
     check_same_base(pretrained, reward)
     resolve_runtime(config.runtime)
-    prompts = load_ppo_prompts(config, pretrained)
-    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "ppo.prompts")
-    return pretrained, reward, prompts
+    prompts, source = load_ppo_prompts(config, pretrained, reward)
+    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.max_new_tokens,
+                      "ppo.prompts")
+    return pretrained, reward, prompts, source
 
 
 def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,
             parent_run_id: str | None = None) -> StageResult:
     """Check inputs, then train (or reuse, or resume) `palm-policy`; a new version becomes `candidate`."""
-    pretrained, reward, prompts = check_inputs(config, pretrained_uri, reward_uri)
+    pretrained, reward, prompts, source = check_inputs(config, pretrained_uri, reward_uri)
     prompts_digest = text_digest("\n".join(prompts))
     tracking.check_tracking()
 
     def log_inputs(run_id: str) -> None:
-        log_text_dataset(run_id, name="ppo-prompts", source_uri=config.prompts or "corpus:train-prompts",
+        log_text_dataset(run_id, name="ppo-prompts", source_uri=source,
                          digest=prompts_digest, context="training", preview="\n".join(prompts[:20]))
 
     lineage = {"parent.pretrained": pretrained.ref, "parent.reward": reward.ref, "data.prompts": prompts_digest}

@@ -1,14 +1,17 @@
 """Stage 2: fit a reward model on feedback, through a LoRA scope on the pretrained PaLM.
 
-Feedback is ratings (prompt, response, rating) or pairs (prompt, chosen, rejected). Ratings train a scalar head
-(MSE on the rating) or a binned head (cross-entropy); pairs train with the pairwise loss. Rows are split into train
-and held-out by prompt, so held-out prompts are never seen in training. Held-out pairwise accuracy is reported for both
-shapes (for ratings, over pairs derived from the held-out ratings), plus the rating RMSE for ratings.
+Feedback is ratings (prompt, response, rating) on any scale, or pairs (prompt, chosen, rejected), read and checked by
+tasks/data/tables.py and tokenized once with the pretrained model's tokenizer (rows too long for its context cut,
+dropped or refused). Ratings train a scalar head (MSE on the rating) or a binned head (cross-entropy); pairs train with
+the pairwise loss. Rows are split into train and held-out by prompt, so held-out prompts are never seen in training;
+the two prompt sets are written beside the stage's checkpoints for PPO and evaluation. Held-out pairwise accuracy is
+reported for both shapes (for ratings, over pairs derived from the held-out ratings), plus the rating RMSE.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict
 
 import pandas as pd
@@ -18,10 +21,11 @@ from models.palm import PaLM
 from models.reward import RewardModel, rating_targets, score_to_rating
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks.config import RewardConfig
-from tasks.data.labeler import load_labeler
+from tasks.data.labeler import MAX_RATING, MIN_RATING, load_labeler
 from tasks.data.prompts import make_prompts
-from tasks.data.tables import FeedbackTable, pairs_from_ratings, read_feedback
-from tasks.data.tokens import check_prompts_fit, encode_dialogues
+from tasks.data.tables import (FITTED, FeedbackError, PreparedFeedback, pairs_from_ratings, prepare_feedback,
+                               read_feedback)
+from tasks.data.tokens import check_prompts_fit, dialogue_batch
 from tasks.feedback import simulate_feedback
 from tasks.redact import redact_uri
 from tasks.runtime import parallel
@@ -29,13 +33,13 @@ from tasks.runtime.loop import Throughput, optimizer_state, optimizer_state_dict
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import ModelInput, load_palm, resolve_input, training_corpus
+from tasks.storage.inputs import TOKENIZER_FILE, ModelInput, corpus_sample, load_palm, resolve_input
+from tasks.storage.store import create_file, join_uri
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_frame_dataset, log_table
 from tasks.tracking.runs import log_params
 
 MODEL_NAME = "palm-reward"
-MIN_RATING, MAX_RATING = 1.0, 5.0
 
 
 def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -46,45 +50,48 @@ def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.Da
 
 
 @torch.no_grad()
-def score_texts(rm, prompts: list[str], responses: list[str], context: int, device, batch: int = 64) -> torch.Tensor:
+def score_rows(rm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
+    """The reward model's raw score of each fitted (prompt, response) row."""
     rm.eval()
     out = []
-    for i in range(0, len(prompts), batch):
-        ids, mask, pmask = encode_dialogues(prompts[i:i + batch], responses[i:i + batch], context)
+    for i in range(0, len(rows), batch):
+        ids, mask, pmask = dialogue_batch(rows[i:i + batch], pad_id)
         out.append(rm.score(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device)).float().cpu())
     rm.train()
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def heldout_metrics(rm, table: FeedbackTable, heldout: pd.DataFrame, config: RewardConfig, context: int,
-                    device) -> dict[str, float]:
+def heldout_metrics(rm, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale,
+                    context: int, pad_id: int, device) -> dict[str, float]:
     metrics = {}
-    if table.kind == "ratings":
-        scores = score_texts(rm, list(heldout["prompt"]), list(heldout["response"]), context, device)
-        stars = score_to_rating(scores, (MIN_RATING, MAX_RATING), config.model.num_binned_output)
+    if feedback.kind == "ratings":
+        scores = score_rows(rm, list(heldout[FITTED]), pad_id, device)
+        ratings = score_to_rating(scores, scale, config.model.num_binned_output)
         truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
-        metrics["heldout_rating_rmse"] = float(((stars - truth) ** 2).mean().sqrt())
-        pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin, seed=config.seed)
+        metrics["heldout_rating_rmse"] = float(((ratings - truth) ** 2).mean().sqrt())
+        pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin * (scale[1] - scale[0]) / 4, seed=config.seed)
+        fitted = {(p, r): f for p, r, f in zip(heldout["prompt"], heldout["response"], heldout[FITTED])}
+        chosen = [fitted[(p, c)] for p, c in zip(pairs["prompt"], pairs["chosen"])]
+        rejected = [fitted[(p, r)] for p, r in zip(pairs["prompt"], pairs["rejected"])]
     else:
         pairs = heldout
+        chosen, rejected = [f[0] for f in heldout[FITTED]], [f[1] for f in heldout[FITTED]]
     if len(pairs):
-        chosen = score_texts(rm, list(pairs["prompt"]), list(pairs["chosen"]), context, device)
-        rejected = score_texts(rm, list(pairs["prompt"]), list(pairs["rejected"]), context, device)
-        metrics["heldout_pair_accuracy"] = float((chosen > rejected).float().mean())
+        metrics["heldout_pair_accuracy"] = float((score_rows(rm, chosen, pad_id, device) >
+                                                  score_rows(rm, rejected, pad_id, device)).float().mean())
     else:  # every held-out rating tied: accuracy is undefined, and says so rather than inventing a number
         metrics["heldout_pair_accuracy"] = float("nan")
     metrics["heldout_pairs"] = float(len(pairs))
     return metrics
 
 
-def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, context: int, device):
+def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, scale, pad_id: int, device):
     if kind == "ratings":
-        ids, mask, pmask = encode_dialogues(list(rows["prompt"]), list(rows["response"]), context)
+        ids, mask, pmask = dialogue_batch(list(rows[FITTED]), pad_id)
         return rm(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device),
-                  labels=rating_targets(torch.tensor(rows["rating"].to_numpy(dtype=float)), (MIN_RATING, MAX_RATING),
-                                        bins).to(device))
-    c_ids, c_mask, c_pmask = encode_dialogues(list(rows["prompt"]), list(rows["chosen"]), context)
-    r_ids, r_mask, r_pmask = encode_dialogues(list(rows["prompt"]), list(rows["rejected"]), context)
+                  labels=rating_targets(torch.tensor(rows["rating"].to_numpy(dtype=float)), scale, bins).to(device))
+    c_ids, c_mask, c_pmask = dialogue_batch([f[0] for f in rows[FITTED]], pad_id)
+    r_ids, r_mask, r_pmask = dialogue_batch([f[1] for f in rows[FITTED]], pad_id)
     loss, accuracy = rm.preference_loss(c_ids.to(device), r_ids.to(device), chosen_mask=c_mask.to(device),
                                         rejected_mask=r_mask.to(device), chosen_prompt_mask=c_pmask.to(device),
                                         rejected_prompt_mask=r_pmask.to(device))
@@ -100,14 +107,18 @@ class RewardFitting:
     shown = ("loss", "heldout_pair_accuracy")
     may_be_nan = frozenset({"heldout_pair_accuracy"})  # undefined when every held-out rating ties
 
-    def __init__(self, config: RewardConfig, pretrained: ModelInput, table: FeedbackTable, feedback_uri: str):
-        self.config, self.pretrained, self.table, self.feedback_uri = config, pretrained, table, feedback_uri
+    def __init__(self, config: RewardConfig, pretrained: ModelInput, feedback: PreparedFeedback, source: dict,
+                 prompts: dict | None):
+        self.config, self.pretrained, self.feedback, self.source = config, pretrained, feedback, source
+        self.prompts = prompts  # the prompt sets written for PPO and evaluation (user feedback only)
         self.steps, self.checkpoint_every = config.steps, config.checkpoint_every
         self.context = pretrained.palm_config["max_seq_len"]
+        self.pad_id = pretrained.tokenizer.pad_id
+        self.scale = tuple(source["rating_scale"]) if source.get("rating_scale") else None
         self.model_config = {"palm": pretrained.palm_config, **asdict(config.model)}
 
     def start(self, run: StageRun, resumed: Checkpoint | None) -> None:
-        self.train_rows, self.heldout = split_by_prompt(self.table.frame, self.config.heldout_fraction)
+        self.train_rows, self.heldout = split_by_prompt(self.feedback.frame, self.config.heldout_fraction)
         palm = load_palm(self.pretrained, "cpu")
         torch.manual_seed(self.config.seed)  # the LoRA and head initialisation
         self.rm = RewardModel.from_config(palm, self.config.model).to(run.device)
@@ -138,20 +149,22 @@ class RewardFitting:
         set_lr(self.optimizer, self.lr(step))
         idx = parallel.shard(torch.randint(0, len(self.train_rows), (cfg.batch_size,), generator=self.data_rng))
         rows = self.train_rows.iloc[idx.tolist()]
-        stats = train_step(parallel.global_loss(
-            lambda: self.batch_loss(rows, self.table.kind, cfg.model.num_binned_output, self.context, self.device)),
+        stats = train_step(parallel.global_loss(lambda: self.batch_loss(
+            rows, self.feedback.kind, cfg.model.num_binned_output, self.scale, self.pad_id, self.device)),
             self.params, self.optimizer, device=self.device, amp_dtype=self.amp)
         metrics = {"loss": stats["loss"], "lr": self.lr(step), "examples_per_s": self.clock.rate(cfg.batch_size)}
         if "accuracy" in stats:
             metrics["train_pair_accuracy"] = stats["accuracy"]
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with parallel.gathered(self.batch_loss):  # every rank evaluates: FSDP gathers collectively
-                metrics.update(heldout_metrics(self.rm, self.table, self.heldout, cfg, self.context, self.device))
+                metrics.update(heldout_metrics(self.rm, self.feedback, self.heldout, cfg, self.scale, self.context,
+                                               self.pad_id, self.device))
         if done == cfg.steps:
             with parallel.gathered(self.batch_loss):
-                scores = score_texts(self.rm, *_all_texts(self.train_rows, self.table.kind), self.context, self.device)
+                scores = score_rows(self.rm, _all_rows(self.train_rows, self.feedback.kind), self.pad_id, self.device)
             self.records["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
             finite_or_raise("the mean reward-model score", self.records["score_norm"]["mean"])
+            metrics.update(self.feedback.stats)  # what reading the feedback took, once, with the final numbers
         return metrics
 
     def checkpoint(self) -> dict:
@@ -160,12 +173,12 @@ class RewardFitting:
         return dict(weights=weights, state={**optimizer_state(optimizer), **capture_rng({"data": self.data_rng})},
                     kind="reward", model_config=self.model_config,
                     parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest}],
-                    data={"feedback": self.table.digest},
-                    extra={"feedback": {"uri": self.feedback_uri, "digest": self.table.digest,
-                                        "kind": self.table.kind},
+                    data={"feedback": self.source["digest"]},
+                    extra={"feedback": self.source, "prompts": self.prompts,
                            # where the head's score means a rating (trained on ratings): serving speaks in it
-                           "rating_scale": [MIN_RATING, MAX_RATING] if self.table.kind == "ratings" else None,
-                           **self.records})
+                           "rating_scale": list(self.scale) if self.scale else None,
+                           "tokenizer": pretrained.manifest["tokenizer"], **self.records},
+                    files={TOKENIZER_FILE: pretrained.tokenizer.to_file()})
 
     def report(self, run: StageRun, ref: CheckpointRef, metrics: dict[str, float]) -> dict[str, float]:
         scorer, device = parallel.plain_copy(
@@ -173,28 +186,28 @@ class RewardFitting:
             ref)
         log_curves(run.run_id, run.metrics.history, ["loss", "heldout_pair_accuracy"], "reward model",
                    "plots/reward.png")
-        log_scored_examples(run.run_id, scorer, self.heldout.head(16), self.table.kind, self.context, device)
+        log_scored_examples(run.run_id, scorer, self.heldout.head(16), self.feedback.kind, self.pad_id, device)
         headline = {"heldout_pair_accuracy": float("nan")}  # stays NaN when no held-out pair exists (all ratings tied)
-        headline.update({k: v for k, v in metrics.items() if k.startswith("heldout_") or k == "loss"})
+        headline.update({k: v for k, v in metrics.items()
+                         if k.startswith(("heldout_", "feedback.")) or k == "loss"})
         return headline
 
 
-def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, context: int, device) -> None:
+def log_scored_examples(run_id: str, rm, rows: pd.DataFrame, kind: str, pad_id: int, device) -> None:
     """Held-out feedback beside the reward model's scores, for people to check what it learned."""
-    rows = rows.copy()
+    shown = rows.drop(columns=[FITTED])
     if kind == "ratings":
-        rows["reward_model_score"] = score_texts(rm, list(rows["prompt"]), list(rows["response"]), context,
-                                                 device).tolist()
+        shown["reward_model_score"] = score_rows(rm, list(rows[FITTED]), pad_id, device).tolist()
     else:
-        for side in ("chosen", "rejected"):
-            rows[f"score_{side}"] = score_texts(rm, list(rows["prompt"]), list(rows[side]), context, device).tolist()
-    log_table(run_id, rows, "samples/heldout_scored.json")
+        for i, side in enumerate(("chosen", "rejected")):
+            shown[f"score_{side}"] = score_rows(rm, [f[i] for f in rows[FITTED]], pad_id, device).tolist()
+    log_table(run_id, shown, "samples/heldout_scored.json")
 
 
-def _all_texts(rows: pd.DataFrame, kind: str) -> tuple[list[str], list[str]]:
+def _all_rows(rows: pd.DataFrame, kind: str) -> list:
     if kind == "ratings":
-        return list(rows["prompt"]), list(rows["response"])
-    return list(rows["prompt"]) * 2, list(rows["chosen"]) + list(rows["rejected"])
+        return list(rows[FITTED])
+    return [f[0] for f in rows[FITTED]] + [f[1] for f in rows[FITTED]]
 
 
 def _check_split(frame: pd.DataFrame, config: RewardConfig, what: str) -> None:
@@ -204,38 +217,67 @@ def _check_split(frame: pd.DataFrame, config: RewardConfig, what: str) -> None:
                          f"(reward.heldout_fraction {config.heldout_fraction})")
 
 
-def check_inputs(config: RewardConfig, pretrained_uri: str) -> tuple[ModelInput, FeedbackTable | None]:
+def read_user_feedback(config: RewardConfig, pretrained: ModelInput) -> PreparedFeedback:
+    """The user's feedback file, read, checked and tokenized for the pretrained model; one clear error otherwise."""
+    shown = redact_uri(config.feedback)
+    table = read_feedback(config.feedback, rating_scale=config.rating_scale)
+    if table.kind == "ratings" and table.rating_scale is None:
+        raise FeedbackError(f"feedback {shown}: every rating is {table.frame['rating'].iloc[0]:g}, which says nothing "
+                            "of the scale: set reward.rating_scale (e.g. [0, 1] for thumbs)")
+    feedback = prepare_feedback(table, pretrained.tokenizer, pretrained.palm_config["max_seq_len"],
+                                config.on_too_long, shown)
+    _check_split(feedback.frame, config, f"feedback {shown}")
+    return feedback
+
+
+def check_inputs(config: RewardConfig, pretrained_uri: str) -> tuple[ModelInput, PreparedFeedback | None]:
     """Every check on the stage's inputs, before any compute: the pretrained model, the device, and the feedback file
     or, when feedback is to be simulated (None is returned for it), the prompts and the labeler it will use."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     resolve_runtime(config.runtime)
-    context = pretrained.palm_config["max_seq_len"]
-    if config.feedback is None:
-        corpus_text, _ = training_corpus(pretrained)
-        load_labeler(config.labeler, corpus_text)
-        prompts = make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
-        check_prompts_fit(prompts, context, config.response_tokens, "reward.feedback")
-        rows = pd.DataFrame({"prompt": [p for p in prompts for _ in range(config.samples_per_prompt)]})
-        _check_split(rows, config, "simulated feedback (reward.num_prompts x reward.samples_per_prompt)")
-        return pretrained, None
-    table = read_feedback(config.feedback, min_rating=MIN_RATING, max_rating=MAX_RATING)
-    _check_split(table.frame, config, f"feedback {redact_uri(config.feedback)}")
-    encode_dialogues(list(table.frame["prompt"]), [""] * len(table.frame), context)  # every prompt fits
-    return pretrained, table
+    if config.feedback is not None:
+        return pretrained, read_user_feedback(config, pretrained)
+    sample, _ = corpus_sample(pretrained)
+    load_labeler(config.labeler, sample)
+    prompts = make_prompts(sample, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
+    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.response_tokens,
+                      "reward.feedback")
+    rows = pd.DataFrame({"prompt": [p for p in prompts for _ in range(config.samples_per_prompt)]})
+    _check_split(rows, config, "simulated feedback (reward.num_prompts x reward.samples_per_prompt)")
+    return pretrained, None
+
+
+def write_prompt_sets(prefix: str, feedback: PreparedFeedback, config: RewardConfig) -> dict:
+    """The feedback's training and held-out prompts (the reward stage's own split) as JSON-lines files beside the
+    stage's checkpoints: PPO trains on the first and evaluation uses the second unless given prompt files."""
+    records = {}
+    for name, rows in zip(("train", "heldout"), split_by_prompt(feedback.frame, config.heldout_fraction)):
+        prompts = list(dict.fromkeys(rows["prompt"]))
+        data = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts).encode()
+        uri = join_uri(prefix, "prompts", f"{name}.jsonl")
+        create_file(uri, data)  # the same run key writes the same bytes: an earlier attempt's file is this one
+        records[name] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "count": len(prompts)}
+    return records
 
 
 def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str | None = None) -> StageResult:
     """Check inputs, simulate feedback when none is given, then fit (or reuse, or resume) `palm-reward`."""
-    pretrained, table = check_inputs(config, pretrained_uri)
+    pretrained, feedback = check_inputs(config, pretrained_uri)
     tracking.check_tracking()
     simulated, feedback_uri = None, config.feedback
-    if table is None:
-        corpus_text, corpus_digest = training_corpus(pretrained)
+    if feedback is None:
+        sample, corpus_digest = corpus_sample(pretrained)
         device, _ = resolve_runtime(config.runtime)
-        simulated = simulate_feedback(pretrained, config, corpus_text, corpus_digest, device)
+        simulated = simulate_feedback(pretrained, config, sample, corpus_digest, device)
         feedback_uri = simulated["ratings_uri"]
-        table = read_feedback(feedback_uri, min_rating=MIN_RATING, max_rating=MAX_RATING)
-        _check_split(table.frame, config, f"feedback {feedback_uri}")
+        table = read_feedback(feedback_uri, rating_scale=(MIN_RATING, MAX_RATING), empty_responses=True)
+        feedback = prepare_feedback(table, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], "cut",
+                                    feedback_uri)
+        _check_split(feedback.frame, config, f"feedback {feedback_uri}")
+    table = feedback.table
+    source = {"uri": redact_uri(feedback_uri), "digest": table.digest, "kind": table.kind,
+              "simulated": simulated is not None, "labeler": config.labeler if simulated else None,
+              "rating_scale": list(table.rating_scale) if table.rating_scale else None}
 
     def log_inputs(run_id: str) -> None:
         log_frame_dataset(run_id, table.frame, name=f"feedback-{table.kind}", source_uri=feedback_uri,
@@ -247,7 +289,8 @@ def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str 
                    model_name=MODEL_NAME, lineage={"parent.pretrained": pretrained.ref, "data.feedback": table.digest},
                    parent_run_id=parent_run_id, log_inputs=log_inputs) as run:
         if not run.cached:
-            run.trained(*train(run, RewardFitting(config, pretrained, table, feedback_uri)))
+            prompts = None if simulated else write_prompt_sets(run.prefix, feedback, config)
+            run.trained(*train(run, RewardFitting(config, pretrained, feedback, source, prompts)))
     return run.result
 
 

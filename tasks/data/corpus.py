@@ -1,31 +1,33 @@
-"""The training corpus: the built-in English prose, or a user's text files and tables, as one string; and the token
-windows pretraining samples from it.
+"""The training corpus as a stream of documents: the built-in English prose (a paragraph a document), a user's text
+files (a file a document, or the pieces between `<|endoftext|>` markers in it), or the text column of Parquet and
+JSON-lines tables (a row a document). Read in pieces, never whole; and the token windows pretraining samples.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
+from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-from tasks.data.files import expand, read_table, require_columns, suffix, unreadable
+from tasks.data.files import expand, require_columns, suffix, unreadable
 from tasks.redact import redact_uri
 
 BUILTIN_CORPUS_URI = "builtin://cpython-docs"
+DOCUMENT_MARKER = "<|endoftext|>"  # between documents of a text file, as many corpora write them
+CHUNK_BYTES = 4 << 20
+PIECE_CHARS = 4 << 20  # a document longer than this comes in pieces that end at a line break
+TABLE_ROWS = 8192
 
 
 class CorpusError(ValueError):
     """The training corpus (or a prompt file) cannot be used as given."""
 
 
-def encode_corpus(text: str, tokenizer) -> torch.Tensor:
-    """1-D tensor of token ids: uint8 when they fit (a quarter of the memory), else int64."""
-    dtype = torch.uint8 if tokenizer.vocab_size <= 256 else torch.long
-    return torch.tensor(tokenizer.encode(text), dtype=dtype)
-
-
-def split_tokens(tokens: torch.Tensor, heldout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tokens(tokens, heldout_fraction: float):
     """Train / validation as two contiguous pieces, so no validation window overlaps training text."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
@@ -34,8 +36,9 @@ def split_tokens(tokens: torch.Tensor, heldout_fraction: float) -> tuple[torch.T
     return tokens[:cut], tokens[cut:]
 
 
-def sample_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """(batch_size, seq_len + 1) int64 windows at random offsets.
+def sample_windows(tokens, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch_size, seq_len + 1) int64 windows at random offsets of a token array (a memory-mapped token file reads
+    just these).
 
     Only ``generator`` is consumed, so restoring ``generator.get_state()`` from a checkpoint
     resumes the exact sequence of batches.
@@ -46,8 +49,8 @@ def sample_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, generato
             "use a larger corpus or a smaller seq_len"
         )
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
-    offsets = torch.arange(seq_len + 1)
-    return tokens[starts[:, None] + offsets].long()  # (b, seq_len + 1)
+    index = (starts[:, None] + torch.arange(seq_len + 1)).numpy()  # (b, seq_len + 1)
+    return torch.as_tensor(np.asarray(tokens[index]).astype(np.int64))
 
 
 _TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2026": "...",
@@ -96,43 +99,131 @@ def builtin_corpus() -> str:
     return "\n".join(paragraphs)
 
 
-def read_corpus(uri: str | None, text_column: str = "text", storage_options: dict | None = None,
-                *, min_chars: int = 1) -> str:
-    """The training text behind ``uri``; None or ``BUILTIN_CORPUS_URI`` is the built-in corpus.
-
-    Parquet and JSON-lines files contribute their ``text_column`` joined by newlines (null cells
-    skipped); any other file is read as UTF-8 text. Files are concatenated in sorted order.
-    ``min_chars`` lets a stage refuse a corpus too small for its windows before training starts.
-    """
+def iter_corpus(uri: str | None, text_column: str = "text",
+                storage_options: dict | None = None) -> Iterator[tuple[str, bool]]:
+    """The corpus behind ``uri`` as (text, ends a document) pieces; None or ``BUILTIN_CORPUS_URI`` is the built-in
+    one. Files come in sorted order. Memory holds one piece (or one batch of table rows) at a time."""
     if uri is None or uri == BUILTIN_CORPUS_URI:
-        text, source = builtin_corpus(), BUILTIN_CORPUS_URI
-    else:
-        text, source = _read_corpus_files(uri, text_column, storage_options), redact_uri(uri)
-    validate_corpus(text, min_chars, source)
-    return text
-
-
-def _read_corpus_files(uri: str, text_column: str, storage_options: dict | None) -> str:
+        for paragraph in builtin_corpus().split("\n"):
+            yield paragraph, True
+        return
     fs, paths = expand(uri, storage_options, CorpusError)
-    parts: list[str] = []
     for path in paths:
         shown = redact_uri(fs.unstrip_protocol(path))
         if suffix(path) in (".parquet", ".jsonl", ".json"):
-            frame = read_table(fs, path, CorpusError)
-            require_columns(frame, (text_column,), shown, CorpusError)
-            part = "\n".join(frame[text_column].dropna().astype(str))
+            for text in _table_rows(fs, path, shown, text_column):
+                yield from _pieces(text)
         else:
+            yield from _text_file(fs, path, shown)
+
+
+def _pieces(document: str) -> Iterator[tuple[str, bool]]:
+    while len(document) > PIECE_CHARS:
+        cut = document.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+        yield document[:cut], False
+        document = document[cut:]
+    yield document, True
+
+
+def _text_file(fs, path: str, shown: str) -> Iterator[tuple[str, bool]]:
+    """A UTF-8 text file, decoded as it streams; `<|endoftext|>` ends a document, and so does the file's end."""
+    decoder, buffer, offset = codecs.getincrementaldecoder("utf-8")("strict"), "", 0
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise CorpusError(f"file not found: {shown}") from None
+    except Exception as exc:
+        raise unreadable(shown, exc, CorpusError) from None
+    with f:
+        while True:
             try:
-                part = fs.cat_file(path).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"{shown} is not UTF-8 text (byte {exc.start})") from None
-            except OSError as exc:
+                chunk = f.read(CHUNK_BYTES)
+            except Exception as exc:
                 raise unreadable(shown, exc, CorpusError) from None
-        # A newline between files keeps the last word of one from fusing with the first of the next.
-        if parts and not parts[-1].endswith("\n"):
+            try:
+                buffer += decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise CorpusError(f"{shown} is not UTF-8 text (byte {offset + exc.start})") from None
+            offset += len(chunk)
+            *documents, buffer = buffer.split(DOCUMENT_MARKER)
+            for document in documents:
+                yield from _pieces(document)
+            if not chunk:
+                break
+            if len(buffer) > PIECE_CHARS:  # a long document: hand on its whole lines, keep a marker's worth back
+                cut = buffer.rfind("\n", 0, len(buffer) - len(DOCUMENT_MARKER)) + 1 or len(buffer) - len(DOCUMENT_MARKER)
+                yield buffer[:cut], False
+                buffer = buffer[cut:]
+    yield buffer, True
+
+
+def _table_rows(fs, path: str, shown: str, text_column: str) -> Iterator[str]:
+    """The text column of a Parquet or JSON-lines table, a batch of rows at a time; empty cells skipped."""
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise CorpusError(f"file not found: {shown}") from None
+    except Exception as exc:
+        raise unreadable(shown, exc, CorpusError) from None
+    with f:
+        try:
+            if suffix(path) == ".parquet":
+                import pyarrow.parquet as pq
+
+                table = pq.ParquetFile(f)
+                if text_column not in table.schema_arrow.names:
+                    raise CorpusError(f"{shown} has no column {text_column!r}; columns present: "
+                                      f"{table.schema_arrow.names}")
+                batches = (b.column(0).to_pylist() for b in table.iter_batches(TABLE_ROWS, columns=[text_column]))
+            else:
+                import pandas as pd
+
+                frames = pd.read_json(f, lines=True, dtype=False, chunksize=TABLE_ROWS)
+                batches = (_column(frame, text_column, shown) for frame in frames)
+            for batch in batches:
+                yield from (str(v) for v in batch if v is not None and v == v)  # v == v: not NaN
+        except CorpusError:
+            raise
+        except Exception as exc:  # a parser's error, or the store failing mid-read
+            error = unreadable(shown, exc, CorpusError)
+            if isinstance(error, CorpusError):
+                raise CorpusError(f"cannot read {shown}: {exc}") from None
+            raise error from None
+
+
+def _column(frame, column: str, shown: str) -> list:
+    require_columns(frame, (column,), shown, CorpusError)
+    return frame[column].tolist()
+
+
+def read_corpus(uri: str | None, text_column: str = "text", storage_options: dict | None = None,
+                *, min_chars: int = 1) -> str:
+    """The whole corpus as one string (documents joined by newlines), for small corpora and people: the pipeline
+    itself streams it (iter_corpus). ``min_chars``: refuse a corpus with less text."""
+    parts: list[str] = []
+    for text, ends in iter_corpus(uri, text_column, storage_options):
+        parts.append(text)
+        if ends and not text.endswith("\n"):  # the last word of one document must not fuse with the next's first
             parts.append("\n")
-        parts.append(part)
-    return "".join(parts)
+    if parts and parts[-1] == "\n":
+        parts.pop()
+    text = "".join(parts)
+    validate_corpus(text, min_chars, BUILTIN_CORPUS_URI if uri in (None, BUILTIN_CORPUS_URI) else redact_uri(uri))
+    return text
+
+
+def check_corpus(uri: str | None, text_column: str, min_chars: int) -> None:
+    """Before any compute, cheaply: the corpus is readable and holds at least `min_chars` of text (it stops reading
+    there)."""
+    shown = BUILTIN_CORPUS_URI if uri in (None, BUILTIN_CORPUS_URI) else redact_uri(uri)
+    seen = 0
+    for text, _ in iter_corpus(uri, text_column):
+        seen += len(text.strip()) and len(text)
+        if seen >= min_chars:
+            return
+    if seen == 0:
+        raise CorpusError(f"corpus {shown} is empty")
+    raise CorpusError(f"corpus {shown} has {seen} characters, fewer than the {min_chars} required")
 
 
 def validate_corpus(text: str, min_chars: int, source: str) -> None:

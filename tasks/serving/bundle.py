@@ -1,9 +1,10 @@
 """The files a served model carries, and loading them: what a registered version's MLflow model holds.
 
-    model.json           what the folder is: its kind (palm, policy, reward), the PaLM's architecture, the tokenizer,
-                         each weights file with its size and sha256, and the checkpoint it was made from
+    model.json           what the folder is: its kind (palm, policy, reward), the PaLM's architecture, each file with
+                         its size and sha256, and the checkpoint it was made from
     weights.safetensors  the model's weights; for a policy, the actor's LoRA merged into the base: one plain PaLM
     reward.safetensors   a policy's reward model (the one PPO trained against), for best-of-n
+    tokenizer.json       the tokenizer the model was trained with (bytes or BPE, with its end-of-text token)
 
 Reading checks every file against model.json before building a tensor, and needs torch, safetensors and models/ only:
 it is what runs inside `mlflow models serve`. No pickle anywhere.
@@ -21,11 +22,11 @@ from safetensors.torch import load as load_safetensors
 
 from models.palm import PaLM
 from models.reward import RewardModel
-from tasks.data.tokens import ByteTokenizer
+from tasks.data.tokenizer import Tokenizer, tokenizer_from_file
 
 BUNDLE_FORMAT = 1
 MODEL_JSON = "model.json"
-WEIGHTS, REWARD_WEIGHTS = "weights.safetensors", "reward.safetensors"
+WEIGHTS, REWARD_WEIGHTS, TOKENIZER = "weights.safetensors", "reward.safetensors", "tokenizer.json"
 KINDS = ("palm", "policy", "reward")
 
 
@@ -40,7 +41,7 @@ class Bundle:
 
     kind: str
     info: dict  # model.json
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     device: torch.device
     palm: PaLM | None = None
     reward: RewardModel | None = None
@@ -90,8 +91,9 @@ def read_bundle(folder: str | Path, device: str | torch.device | None = None) ->
     folder = Path(folder)
     info = read_info(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = Bundle(info["kind"], info, ByteTokenizer(), device, defaults=info.get("defaults", {}))
     files = info["files"]
+    tokenizer = tokenizer_from_file(_verified(folder, TOKENIZER, files[TOKENIZER]))
+    bundle = Bundle(info["kind"], info, tokenizer, device, defaults=info.get("defaults", {}))
     if info["kind"] in ("palm", "policy"):
         bundle.palm = _module(PaLM.from_config(info["palm"]), _verified(folder, WEIGHTS, files[WEIGHTS]), device)
     reward = info.get("reward")

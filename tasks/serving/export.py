@@ -9,7 +9,9 @@ recorded with their own sha256).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -20,8 +22,8 @@ import safetensors.torch
 import models
 import tasks
 from tasks.redact import redact_uri
-from tasks.serving.bundle import BUNDLE_FORMAT, MODEL_JSON, REWARD_WEIGHTS, WEIGHTS, file_entry
-from tasks.storage.checkpoints import CheckpointError, weights_file
+from tasks.serving.bundle import BUNDLE_FORMAT, MODEL_JSON, REWARD_WEIGHTS, TOKENIZER, WEIGHTS, file_entry
+from tasks.storage.checkpoints import CheckpointError, checkpoint_file, weights_file
 from tasks.storage.inputs import load_policy, resolve_input
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
@@ -44,8 +46,8 @@ def write_bundle(checkpoint_uri: str, folder: Path, digest: str | None = None) -
     if digest is not None and manifest["digest"] != digest:
         raise CheckpointError(f"checkpoint {redact_uri(checkpoint_uri)} has digest {manifest['digest']}, not {digest}")
     kind = manifest["kind"]
-    files: dict[str, bytes] = {}
-    info = {"format": BUNDLE_FORMAT, "kind": kind, "tokenizer": {"kind": manifest.get("tokenizer", "bytes")},
+    files: dict[str, bytes] = {TOKENIZER: checkpoint_file(checkpoint_uri, TOKENIZER)}  # checked against its manifest
+    info = {"format": BUNDLE_FORMAT, "kind": kind, "tokenizer": manifest["tokenizer"],
             "source": {"checkpoint_uri": redact_uri(checkpoint_uri), "digest": manifest["digest"]},
             "checkpoint_bytes": sum(f["bytes"] for f in manifest["files"].values())}
     if kind == "palm":
@@ -75,7 +77,7 @@ def write_bundle(checkpoint_uri: str, folder: Path, digest: str | None = None) -
     for name, data in files.items():
         (folder / name).write_bytes(data)
     info["files"] = {name: file_entry(data) for name, data in files.items()}
-    info["model_bytes"] = sum(len(data) for data in files.values())
+    info["model_bytes"] = sum(len(data) for name, data in files.items() if name != TOKENIZER)
     (folder / MODEL_JSON).write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
 
@@ -108,7 +110,8 @@ def log_model(run_id: str, checkpoint_uri: str, digest: str, name: str) -> Logge
                               model_id=model.model_id,
                               metadata={"palm_rlhf": {k: info[k] for k in ("kind", "source", "model_bytes",
                                                                             "checkpoint_bytes")}})
-            with warnings.catch_warnings():  # it asks for an input example, whose check would load the model here
+            with warnings.catch_warnings(), _quiet_copies():
+                # it asks for an input example, whose check would load the model right here
                 warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
                 mlflow.pyfunc.save_model(
                     str(local), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
@@ -122,6 +125,20 @@ def log_model(run_id: str, checkpoint_uri: str, digest: str, name: str) -> Logge
         raise
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
     return LoggedModel(model.model_id, f"models:/{model.model_id}", info)
+
+
+@contextmanager
+def _quiet_copies():
+    """save_model copies the bundle's files with a progress bar each: noise in a stage's log."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
 
 def requirements() -> list[str]:

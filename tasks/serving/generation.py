@@ -13,7 +13,7 @@ import torch
 
 from models.palm import as_prompt_batch
 from models.reward import score_to_rating
-from tasks.data.tokens import encode_dialogues
+from tasks.data.tokens import decode_responses, encode_dialogues
 from tasks.serving.bundle import Bundle
 
 ROWS_PER_BATCH = 64  # prompts x samples sampled together: large enough to use the cores, small enough for memory
@@ -92,10 +92,11 @@ def complete(bundle: Bundle, prompts: list[str], params: GenerationParams,
     per_batch = max(1, ROWS_PER_BATCH // n)
     for start in range(0, len(ids), per_batch):
         rows = [torch.tensor(x, device=bundle.device) for x in ids[start:start + per_batch] for _ in range(n)]
-        prompt, mask, _ = as_prompt_batch(rows, None, pad_value=0)
+        prompt, mask, _ = as_prompt_batch(rows, None, pad_value=bundle.tokenizer.pad_id)
         gen = bundle.palm.sample(prompt, mask, params.max_new_tokens, temperature=params.temperature,
-                                 filter_thres=0.0, top_k=params.top_k or None, generator=generator)
-        texts = [bundle.tokenizer.decode(row[m].tolist()) for row, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
+                                 filter_thres=0.0, top_k=params.top_k or None, generator=generator,
+                                 eos_token=bundle.tokenizer.eos_id, pad_value=bundle.tokenizer.pad_id)
+        texts = decode_responses(gen.tokens.cpu(), gen.mask.cpu(), bundle.tokenizer)
         scores = None
         if bundle.reward is not None and (n > 1 or params.return_scores):
             prompt_part = torch.cat((gen.prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
@@ -142,7 +143,8 @@ def score(bundle: Bundle, prompts: list[str], responses: list[str]) -> list[floa
     for start in range(0, len(prompts), ROWS_PER_BATCH):
         try:
             ids, mask, pmask = encode_dialogues(prompts[start:start + ROWS_PER_BATCH],
-                                                responses[start:start + ROWS_PER_BATCH], bundle.context)
+                                                responses[start:start + ROWS_PER_BATCH], bundle.tokenizer,
+                                                bundle.context)
         except ValueError as err:
             raise GenerationError(str(err)) from None
         raw = bundle.reward.score(ids.to(bundle.device), mask=mask.to(bundle.device),

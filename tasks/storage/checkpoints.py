@@ -35,8 +35,9 @@ from tasks.redact import redact_uri
 from tasks.storage.store import (CheckpointError, StorageError, create_exclusive, fail, filesystem, io_errors,
                                  join_uri, normalize)
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointRef", "StorageError", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "read_manifest", "save_checkpoint", "verify_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointRef", "StorageError", "checkpoint_file", "latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "read_manifest", "save_checkpoint", "verify_checkpoint",
+           "weights_file"]
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
@@ -201,10 +202,12 @@ def save_checkpoint(
     parents: list[dict | CheckpointRef] = (),
     data: dict[str, str] | None = None,
     extra: dict | None = None,
+    files: dict[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> CheckpointRef:
     """Write ``<prefix>/step-<step:08d>/`` and return its ref.
 
+    ``files`` are other whole files the checkpoint carries (its tokenizer.json), checked like the rest on every read.
     Everything is validated and serialized in memory before the first byte is written.
     Saving the same content again returns the existing ref (a retried task is harmless);
     different content at an existing step is refused unless ``overwrite=True``, because
@@ -214,7 +217,7 @@ def save_checkpoint(
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
     uri = join_uri(normalize(prefix), f"step-{step:08d}")
     fs, path = filesystem(uri)
-    files = _serialize(weights, state)
+    files = {**_serialize(weights, state), **_extra_files(files)}
     manifest = _build_manifest(files, step, kind, model_config, stage_config, parents, data, extra)
     ref = _ref(uri, manifest)
 
@@ -256,6 +259,15 @@ def _write(fs, path: str, uri: str, files: dict[str, bytes], manifest: dict) -> 
             fs.pipe_file(f"{path}/{name}", payload)
     with io_errors(uri, f"write {MANIFEST}"):
         return create_exclusive(fs, f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def _extra_files(files: dict[str, bytes] | None) -> dict[str, bytes]:
+    for name, data in (files or {}).items():
+        if name in (WEIGHTS, STATE_TENSORS, STATE_JSON, MANIFEST) or "/" in name or name.startswith(".") or not name:
+            raise CheckpointError(f"files: {name!r} is not a name a checkpoint can carry beside its own files")
+        if not isinstance(data, bytes):
+            raise CheckpointError(f"files[{name!r}]: expected bytes, got {type(data).__name__}")
+    return dict(files or {})
 
 
 def _serialize(weights: dict, state: dict | None) -> dict[str, bytes]:
@@ -345,6 +357,13 @@ def load_checkpoint(uri: str, *, map_location="cpu", load_state: bool = True) ->
     except Exception as err:  # sha256s matched, so the writer produced this: say so plainly
         raise fail(uri, f"verified files could not be decoded ({type(err).__name__}: {err})") from None
     return Checkpoint(ref=_ref(uri, manifest), manifest=manifest, weights=weights, state=state)
+
+
+def checkpoint_file(uri: str, name: str) -> bytes:
+    """One file a checkpoint carries (its tokenizer.json, say), checked against its manifest."""
+    uri = normalize(uri)
+    manifest, fs, path = _read_manifest(uri)
+    return _verified_bytes(fs, path, uri, manifest, name)
 
 
 def weights_file(uri: str) -> tuple[bytes, dict]:

@@ -5,6 +5,7 @@ A downstream stage never restates an architecture: it reads it from the checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -14,11 +15,14 @@ import torch
 from models.actor_critic import ActorCritic
 from models.palm import PaLM
 from models.reward import RewardModel
-from tasks.data.tokens import ByteTokenizer
+from tasks.data.tokenizer import Tokenizer, TokenizerError, digest, tokenizer_from_file
 from tasks.redact import redact_uri
-from tasks.storage.checkpoints import WEIGHTS, load_checkpoint, read_manifest, verify_checkpoint
-from tasks.storage.store import join_uri
+from tasks.storage.checkpoints import WEIGHTS, checkpoint_file, load_checkpoint, read_manifest, verify_checkpoint
+from tasks.storage.store import join_uri, read_file
 from tasks.tracking.registry import resolve_model_uri
+
+
+TOKENIZER_FILE = "tokenizer.json"  # every checkpoint carries the tokenizer its model reads and writes
 
 
 class InputError(ValueError):
@@ -44,6 +48,13 @@ class ModelInput:
         cfg = self.manifest["model_config"]
         return cfg["palm"] if "palm" in cfg else cfg
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer this model was trained with: the tokenizer.json its checkpoint carries (read once)."""
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = tokenizer_from_file(checkpoint_file(self.checkpoint_uri, TOKENIZER_FILE))
+        return self._tokenizer
+
 
 def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
     """Resolve and check one model input before any compute: its kind, every file's sha256, its vocabulary, and that
@@ -60,12 +71,29 @@ def resolve_input(uri: str, kind: str, role: str) -> ModelInput:
                          f"at {redact_uri(info['checkpoint_uri'])} has {manifest['digest']}")
     verify_checkpoint(info["checkpoint_uri"])  # a torn or corrupt input fails here, naming the file and the check
     found = ModelInput(uri, info["checkpoint_uri"], manifest["digest"], manifest, info["name"], info["version"])
-    vocab = found.palm_config["num_tokens"]
-    if vocab < ByteTokenizer.vocab_size:
-        raise InputError(f"{role} {redact_uri(uri)} has a vocabulary of {vocab} tokens; byte tokens need "
-                         f"{ByteTokenizer.vocab_size} (ids {vocab}-255 would be out of range)")
+    _check_tokenizer(found, role)
     _check_architecture(found, role)
     return found
+
+
+def _check_tokenizer(inp: ModelInput, role: str) -> None:
+    """The checkpoint carries the tokenizer its manifest names, and its model has an embedding for every id."""
+    record = inp.manifest.get("tokenizer")
+    if not isinstance(record, dict) or TOKENIZER_FILE not in inp.manifest["files"]:
+        raise InputError(f"{role} {redact_uri(inp.requested)} carries no tokenizer ({TOKENIZER_FILE}): it was made "
+                         "before checkpoints recorded theirs; retrain it")
+    try:
+        tokenizer = inp.tokenizer
+    except TokenizerError as err:
+        raise InputError(f"{role} {redact_uri(inp.requested)}: {TOKENIZER_FILE} {err}") from None
+    if digest(tokenizer) != record.get("digest"):
+        raise InputError(f"{role} {redact_uri(inp.requested)}: {TOKENIZER_FILE} is not the tokenizer its manifest "
+                         f"names ({record.get('digest')})")
+    vocab = inp.palm_config["num_tokens"]
+    if vocab < tokenizer.vocab_size:
+        what = "byte tokens need" if tokenizer.kind == "bytes" else "its BPE tokenizer has"
+        raise InputError(f"{role} {redact_uri(inp.requested)} has a vocabulary of {vocab} tokens; {what} "
+                         f"{tokenizer.vocab_size} (ids {vocab} and up would be out of range)")
 
 
 def _empty_model(inp: ModelInput) -> torch.nn.Module:
@@ -101,7 +129,12 @@ def _check_architecture(inp: ModelInput, role: str) -> None:
 
 
 def check_same_base(a: ModelInput, b: ModelInput) -> None:
-    """Reward model and policy must share the tokenizer and vocabulary."""
+    """Models that read each other's tokens (a policy and the reward model scoring it) share one tokenizer and one
+    vocabulary: the same ids mean the same text to both."""
+    ta, tb = a.manifest["tokenizer"]["digest"], b.manifest["tokenizer"]["digest"]
+    if ta != tb:
+        raise InputError(f"{a.ref} and {b.ref} were trained with different tokenizers ({ta} and {tb}): the same ids "
+                         "would mean different text to them")
     va, vb = a.palm_config["num_tokens"], b.palm_config["num_tokens"]
     if va != vb:
         raise InputError(f"vocabulary sizes differ: {a.ref} has {va} tokens, {b.ref} has {vb}")
@@ -147,16 +180,33 @@ def _load(module: torch.nn.Module, weights: dict, inp: ModelInput) -> None:
         raise InputError(f"{inp.ref}: weights do not match the architecture in its manifest ({first})") from None
 
 
-def training_corpus(pretrained: ModelInput) -> tuple[str, str]:
-    """The corpus the base model was pretrained on (prompts are cut from it), checked against its recorded digest."""
-    from tasks.data.corpus import read_corpus
-    from tasks.data.files import text_digest
-
+def corpus_sample(pretrained: ModelInput) -> tuple[str, str]:
+    """The text sample of the corpus the base model was pretrained on (prompts are cut from it, the built-in rater
+    learns its words), checked against the sha256 its manifest records; and the corpus's digest. The corpus itself is
+    never read again."""
     corpus = pretrained.manifest.get("corpus") or {}
-    if "uri" not in corpus:
-        raise InputError(f"{pretrained.ref}: its manifest does not record a corpus; pass a prompts file instead")
-    text = read_corpus(corpus["uri"], corpus.get("text_column", "text"))
-    if text_digest(text) != corpus["digest"]:
-        raise InputError(f"the corpus {corpus['uri']} changed since {pretrained.ref} was trained on it "
-                         f"(was {corpus['digest']}, now {text_digest(text)})")
-    return text, corpus["digest"]
+    sample = corpus.get("sample") or {}
+    if "uri" not in sample:
+        raise InputError(f"{pretrained.ref}: its manifest records no corpus sample; pass a prompts file instead")
+    data = read_file(sample["uri"])
+    if data is None or hashlib.sha256(data).hexdigest() != sample["sha256"]:
+        raise InputError(f"{pretrained.ref}: its corpus sample {redact_uri(sample['uri'])} is "
+                         f"{'missing' if data is None else 'not the one it recorded'}: rerun pretraining, or pass "
+                         "prompts files")
+    return data.decode("utf-8"), corpus["digest"]
+
+
+def feedback_prompts(reward: ModelInput, split: str) -> list[str] | None:
+    """The training ("train") or held-out ("heldout") prompts of the feedback the reward model was fitted on, as its
+    stage wrote them; None when that feedback was simulated (its prompts came from the corpus)."""
+    from tasks.data.prompts import read_prompts
+
+    record = (reward.manifest.get("prompts") or {}).get(split)
+    if record is None:
+        return None
+    data = read_file(record["uri"])
+    if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise InputError(f"{reward.ref}: its {split} prompts {redact_uri(record['uri'])} are "
+                         f"{'missing' if data is None else 'not the ones it recorded'}: rerun the reward stage, or "
+                         "pass a prompts file")
+    return read_prompts(record["uri"])

@@ -144,3 +144,28 @@ def remove_file(uri: str) -> None:
             fs.rm_file(path)
         except FileNotFoundError:
             pass
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """A large local file (a token file) into the store, streamed."""
+    fs, path = filesystem(normalize(uri))
+    with io_errors(uri, "upload the file"):
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(local_path, path)
+
+
+def local_copy(uri: str, cache: str) -> str:
+    """A local path holding the file at `uri`: the file itself on a local store, else a download into `cache` (made
+    once: written beside and renamed, so ranks sharing a machine never read half of it)."""
+    fs, path = filesystem(normalize(uri))
+    if isinstance(fs, LocalFileSystem):
+        return path
+    target = os.path.join(cache, path.replace("/", "_"))
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        partial = f"{target}.{uuid.uuid4().hex}.part"
+        with io_errors(uri, "download the file"):
+            fs.get_file(path, partial)
+        os.replace(partial, target)
+    return target

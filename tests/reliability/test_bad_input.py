@@ -22,6 +22,8 @@ import pytest
 
 import flows
 from flows.cli import main
+from tasks.data.tokenizer import ByteTokenizer
+from tasks.data.tokenizer import record as tokenizer_record
 from tests.reliability import copy_checkpoint, footprint, stderr_line, use_home, workspace
 
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
@@ -63,8 +65,11 @@ def write_inputs(root: Path, ws) -> dict[str, str]:
     # A well-formed model from elsewhere whose vocabulary cannot hold byte tokens.
     original = read_manifest(ws.pretrained.checkpoint_uri)
     small = PaLM.from_config({**original["model_config"], "num_tokens": 200})
+    tokenizer = ByteTokenizer()
     paths["vocab_200"] = save_checkpoint(str(root / "foreign"), 1, small.state_dict(), kind="palm",
-                                         model_config=asdict(small.config), extra={"corpus": original["corpus"]}).uri
+                                         model_config=asdict(small.config),
+                                         extra={"corpus": original["corpus"], "tokenizer": tokenizer_record(tokenizer)},
+                                         files={"tokenizer.json": tokenizer.to_file()}).uri
     return paths
 
 
@@ -179,9 +184,9 @@ CASES = {
     # models
     "vocabulary differs between stages": (lambda p: stage("ppo", "--pretrained", p["vocab_300"],
                                                           "--reward-model", p["reward"]),
-                                          r"vocabulary sizes differ: .* has 300 tokens, .* has 256"),
+                                          r"vocabulary sizes differ: .* has 300 tokens, .* has 258"),
     "token ids out of the model's range": (lambda p: stage("reward", "--pretrained", p["vocab_200"]),
-                                           r"has a vocabulary of 200 tokens; byte tokens need 256"),
+                                           r"has a vocabulary of 200 tokens; byte tokens need 258"),
     "weights not of the manifest's architecture": (
         lambda p: stage("reward", "--pretrained", p["wrong_architecture"]),
         r"weights.safetensors does not match the architecture in its manifest \(\S+ has shape \[[\d, ]+\], "

@@ -1,15 +1,17 @@
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from tasks.data.corpus import (BUILTIN_CORPUS_URI, CorpusError, builtin_corpus, encode_corpus, read_corpus,
-                               sample_windows, split_tokens)
+from tasks.data.corpus import (BUILTIN_CORPUS_URI, CorpusError, builtin_corpus, read_corpus, sample_windows,
+                               split_tokens)
 from tasks.data.files import frame_digest, text_digest
 from tasks.data.prompts import make_prompts, read_prompts
 from tasks.data.tables import FeedbackError, pairs_from_ratings, read_feedback, write_feedback
-from tasks.data.tokens import ByteTokenizer
+from tasks.data.tokenfile import open_tokens, write_tokens
+from tasks.data.tokenizer import ByteTokenizer
 
 # ----------------------------------------------------------------- tokens
 
@@ -29,11 +31,16 @@ def test_decode_of_a_cut_character_does_not_fail():
     assert ByteTokenizer().decode(ids) == "\ufffd"
 
 
-def test_encode_and_split_are_contiguous():
-    tokens = encode_corpus("abcdefghij", ByteTokenizer())
-    assert tokens.dtype == torch.uint8 and tokens.tolist() == list(b"abcdefghij")
+def test_a_token_file_holds_each_document_then_end_of_text_and_splits_contiguously(tmp_path):
+    tok = ByteTokenizer()
+    info = write_tokens([("abcd", True), ("efg", False), ("hi", True)], tok, tmp_path / "tokens.bin")
+    tokens = open_tokens(tmp_path / "tokens.bin", info["dtype"], info["count"])
+    assert tokens.dtype == np.uint16 and tokens.tolist() == [*b"abcd", tok.eos_id, *b"efghi", tok.eos_id]
+    assert info["documents"] == 2 and info["count"] == 11
     train, val = split_tokens(tokens, 0.2)
-    assert bytes(train.tolist()) == b"abcdefgh" and bytes(val.tolist()) == b"ij"
+    assert train.tolist() == tokens[:9].tolist() and val.tolist() == tokens[9:].tolist()
+    window = sample_windows(train, 1, 8, torch.Generator().manual_seed(0))
+    assert window.dtype == torch.long and window[0].tolist() == tokens[:9].tolist()
 
 
 def test_sample_windows_resumes_exactly_from_saved_generator_state():
@@ -249,14 +256,14 @@ def test_feedback_bad_ratings_give_count_and_first_row(tmp_path, suffix):
     frame.loc[1, "rating"] = "great"
     frame.loc[3, "rating"] = None
     frame.loc[2, "rating"] = 9
-    message = _feedback_error(tmp_path, frame, name=f"f{suffix}")
-    assert "column 'rating' is NaN, empty or not a number in 2 rows (first: row 1)" in message
+    message = _feedback_error(tmp_path, frame, name=f"f{suffix}", rating_scale=(1, 5))
+    assert "column 'rating' is NaN, empty or not a number in 2 rows (first: row 1; rows 1, 3)" in message
     assert "column 'rating' is outside [1, 5] in 1 row (first: row 2)" in message
 
 
 def test_feedback_rating_range_is_configurable(tmp_path):
-    message = _feedback_error(tmp_path, RATINGS, min_rating=0, max_rating=1)
-    assert "outside [0, 1] in 4 rows (first: row 0)" in message
+    message = _feedback_error(tmp_path, RATINGS, rating_scale=(0, 1))
+    assert "outside [0, 1] in 4 rows (first: row 0" in message
 
 
 def test_feedback_empty_strings_and_identical_pairs(tmp_path):
@@ -284,3 +291,44 @@ def test_pairs_from_ratings_averages_repeated_ratings():
     repeated = pd.DataFrame({"prompt": ["p"] * 4, "response": ["a", "a", "b", "b"], "rating": [5, 3, 2, 2]})
     pairs = pairs_from_ratings(repeated)
     assert pairs[["chosen", "rejected", "margin"]].values.tolist() == [["a", "b", 2.0]]
+
+
+def test_ratings_on_any_scale_are_read_as_they_come(tmp_path):
+    thumbs = pd.DataFrame({"prompt": ["p1", "p1", "p2"], "response": ["yes", "no", "maybe"], "rating": [1, 0, 1]})
+    _write(thumbs, tmp_path / "thumbs.jsonl")
+    table = read_feedback(str(tmp_path / "thumbs.jsonl"))
+    assert table.rating_scale == (0.0, 1.0) and table.frame["rating"].tolist() == [1.0, 0.0, 1.0]
+    assert read_feedback(str(tmp_path / "thumbs.jsonl"), rating_scale=(0, 10)).rating_scale == (0, 10)
+    same = pd.DataFrame({"prompt": ["p"], "response": ["r"], "rating": [7]})
+    _write(same, tmp_path / "same.csv")
+    assert read_feedback(str(tmp_path / "same.csv")).rating_scale is None  # one value says nothing of the scale
+
+
+def test_exact_duplicate_rows_are_dropped_and_counted(tmp_path):
+    doubled = pd.concat([RATINGS, RATINGS.iloc[[0, 2]], RATINGS.iloc[[0]]], ignore_index=True)
+    _write(doubled, tmp_path / "d.csv")
+    table = read_feedback(str(tmp_path / "d.csv"))
+    assert table.duplicates_dropped == 3 and len(table.frame) == len(RATINGS)
+    assert table.frame["response"].tolist() == RATINGS["response"].tolist() and table.digest == frame_digest(RATINGS)
+
+
+def test_pairs_of_whole_dialogues_take_their_shared_beginning_as_the_prompt(tmp_path):
+    human = "\n\nHuman: Can you summarise this?\n\nAssistant: Sure.\n\nHuman: Go on.\n\nAssistant:"
+    frame = pd.DataFrame({"chosen": [human + " Here it is.", "The answer is yes"],
+                          "rejected": [human + " No.", "The answer is no"]})
+    _write(frame, tmp_path / "hh.jsonl")
+    table = read_feedback(str(tmp_path / "hh.jsonl"))
+    assert table.kind == "pairs" and table.prompts_derived == 2
+    assert table.frame["prompt"].tolist() == [human, "The answer is "]
+    assert table.frame["chosen"].tolist() == [" Here it is.", "yes"]
+    assert table.frame["rejected"].tolist() == [" No.", "no"]
+    unrelated = pd.DataFrame({"chosen": ["abc", "same start a"], "rejected": ["xyz", "same start b"]})
+    message = _feedback_error(tmp_path, unrelated, name="u.jsonl")
+    assert "share no beginning" in message and "1 row (first: row 0)" in message
+
+
+def test_missing_text_is_refused_with_its_row_numbers(tmp_path):
+    frame = RATINGS.astype({"response": object})
+    frame.loc[[1, 3], "response"] = None
+    message = _feedback_error(tmp_path, frame, name="m.jsonl")
+    assert "column 'response' is missing or not text in 2 rows (first: row 1; rows 1, 3)" in message

@@ -12,6 +12,8 @@ from tasks.data.corpus import builtin_corpus
 from tasks.data.files import text_digest
 from tasks.data.labeler import load_labeler
 from tasks.feedback import simulate_feedback
+from tasks.data.tokenizer import ByteTokenizer
+from tasks.data.tokenizer import record as tokenizer_record
 from tasks.storage.checkpoints import save_checkpoint
 from tasks.storage.inputs import resolve_input
 
@@ -21,11 +23,13 @@ def pretrained(tmp_path, monkeypatch):
     monkeypatch.setenv("PALM_RLHF_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("PALM_RLHF_STORE", raising=False)
     torch.manual_seed(0)
-    palm = PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, max_seq_len=64)
+    palm = PaLM(num_tokens=258, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, max_seq_len=64)
     with torch.no_grad():
         palm.token_emb.weight.mul_(10)  # logits with clear margins, so that T = 0.01 is as good as greedy
+    tokenizer = ByteTokenizer()
     ref = save_checkpoint(str(tmp_path / "pretrained"), 1, palm.state_dict(), kind="palm",
-                          model_config=asdict(palm.config))
+                          model_config=asdict(palm.config), extra={"tokenizer": tokenizer_record(tokenizer)},
+                          files={"tokenizer.json": tokenizer.to_file()})
     return resolve_input(ref.uri, "palm", "--pretrained")
 
 

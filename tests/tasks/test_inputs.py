@@ -8,13 +8,17 @@ import torch
 from models.palm import PaLM
 from models.reward import RewardModel
 from tasks.storage.inputs import InputError, load_reward_model, resolve_input
+from tasks.data.tokenizer import ByteTokenizer
+from tasks.data.tokenizer import record as tokenizer_record
 from tasks.storage.checkpoints import save_checkpoint
 
-PALM = dict(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, max_seq_len=64)
+PALM = dict(num_tokens=258, dim=32, depth=1, heads=2, dim_head=16, ff_mult=2, max_seq_len=64)
 
 
 def _reward_checkpoint(root, rm: RewardModel, model_config: dict) -> str:
-    return save_checkpoint(str(root), 1, rm.state_dict(), kind="reward",
+    tokenizer = ByteTokenizer()
+    return save_checkpoint(str(root), 1, rm.state_dict(), kind="reward", files={"tokenizer.json": tokenizer.to_file()},
+                           extra={"tokenizer": tokenizer_record(tokenizer)},
                            model_config={"palm": asdict(rm.palm.config), **model_config}).uri
 
 

@@ -1,0 +1,64 @@
+"""Sampling one policy on the held-out prompts: N answers per prompt, each with its reward-model score, its KL to the
+reference policy, its length and whether it ended with end-of-text. Prompts are batched together (ROWS rows a batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.palm import PaLM
+from models.ppo import gather_logprobs
+from tasks.data.tokenizer import Tokenizer
+from tasks.data.tokens import decode_responses, left_padded
+from tasks.runtime.progress import progress_bar
+
+ROWS = 64  # answers sampled together
+
+
+@dataclass
+class Samples:
+    texts: list[list[str]]  # (p, N)
+    scores: torch.Tensor  # (p, N) reward-model score
+    kl: torch.Tensor  # (p, N) sum over the answer of log pi(a_t) - log pi_ref(a_t), pi the sampling distribution
+    lengths: torch.Tensor  # (p, N) tokens, end-of-text included
+    stopped: torch.Tensor  # (p, N) the answer ended with end-of-text, not at the length cap
+
+    @property
+    def flat_texts(self) -> list[str]:
+        return [t for row in self.texts for t in row]
+
+
+@torch.no_grad()
+def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer: Tokenizer, prompts: list[str], *,
+                  samples: int, max_new_tokens: int, temperature: float, seed: int, device, label: str) -> Samples:
+    """`samples` answers per prompt at `temperature` (the full distribution, no top-k), until end-of-text or
+    `max_new_tokens`. The KL is the sampling distribution's (the tempered policy's) to the untempered reference."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(samples)]
+    texts, scores, kls, lengths, stopped = [], [], [], [], []
+    with progress_bar(f"eval {label}", len(prompts)) as show:
+        for start in range(0, len(rows), ROWS):
+            batch = rows[start:start + ROWS]
+            ids, mask = left_padded([r for _, r in batch], tokenizer.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            gen = palm.sample(ids, mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
+                              finetune_scope=scope, generator=generator, eos_token=tokenizer.eos_id,
+                              pad_value=tokenizer.pad_id)
+            seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
+            prompt_part = torch.cat((mask, torch.zeros_like(gen.mask)), dim=-1)
+            scores.append(rm.score(seq, mask=seq_mask, prompt_mask=prompt_part).float().cpu())
+            logits = palm(seq[:, :-1], mask=seq_mask[:, :-1], finetune_scope=scope)[:, -T:]
+            logp = gather_logprobs(logits.float() / temperature, gen.tokens)
+            ref_logp = gather_logprobs(reference(seq[:, :-1], mask=seq_mask[:, :-1])[:, -T:], gen.tokens)
+            kls.append(((logp - ref_logp) * gen.mask).sum(-1).cpu())
+            lengths.append(gen.mask.sum(-1).cpu())
+            stopped.append(((gen.tokens == tokenizer.eos_id) & gen.mask).any(-1).cpu())
+            texts += decode_responses(gen.tokens.cpu(), gen.mask.cpu(), tokenizer)
+            show(min((start + len(batch)) // samples, len(prompts)))
+    shape = (len(prompts), samples)
+    return Samples([texts[i * samples:(i + 1) * samples] for i in range(len(prompts))],
+                   torch.cat(scores).view(shape), torch.cat(kls).view(shape), torch.cat(lengths).view(shape),
+                   torch.cat(stopped).view(shape))
