@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from tasks.runtime import parallel
+from tasks.runtime.fingerprint import stage_modules
 from tasks.runtime.progress import progress_bar
 from tasks.runtime.stage import StageRun
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef, load_checkpoint, save_checkpoint
@@ -94,7 +95,8 @@ def _save(run: StageRun, step: int, fields: dict, metrics: dict[str, float]) -> 
     ref = None
     if parallel.is_main():
         kept = {k: v for k, v in metrics.items() if math.isfinite(v) and not k.endswith("_per_s")}
-        fields["extra"] = {**fields.get("extra", {}), "metrics": kept}
+        fields["extra"] = {**fields.get("extra", {}), "metrics": kept,
+                           "code": {"fingerprint": run.code, "modules": stage_modules(run.stage)}}
         ref = save_checkpoint(run.prefix, step, stage_config=run.config.model_dump(mode="json"), **fields)
     parallel.barrier()
     return ref

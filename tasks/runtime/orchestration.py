@@ -95,5 +95,7 @@ def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None) -> N
         for name, r in results.items():  # a reused stage's run sits under the pipeline run that first made it
             client.set_tag(run_id, f"stage.{name}.run_id", r.mlflow_run_id)
             client.set_tag(run_id, f"stage.{name}.cached", str(r.cached).lower())
+            if r.code:  # the code that made it: another version's, when reused across code versions
+                client.set_tag(run_id, f"stage.{name}.code", r.code)
         log_text(run_id, json.dumps(summary, indent=2), "summary.json")
     end_run(run_id, "FINISHED" if results is not None else "FAILED")

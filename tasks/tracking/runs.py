@@ -65,12 +65,19 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def log_params(run_id: str, params: dict) -> None:
-    """Flattened ``a.b.c`` params; logging the same values again (a resume) is a no-op."""
+def log_params(run_id: str, params: dict, changeable: tuple[str, ...] = ()) -> None:
+    """Flattened ``a.b.c`` params; logging the same values again (a resume) is a no-op.
+
+    A param under a ``changeable`` prefix (where the run happens, not what it computes) may differ on a resume: the
+    first value stays the param (MLflow params never change) and the new one is tagged ``resumed_with.<name>``.
+    """
     client = get_client()
     wanted = {k: clean(v)[:_MAX_PARAM_LEN] for k, v in _flatten(params).items()}
     logged = client.get_run(run_id).data.params
     changed = [k for k, v in wanted.items() if k in logged and logged[k] != v]
+    for key in [k for k in changed if k.startswith(changeable)] if changeable else []:
+        client.set_tag(run_id, f"resumed_with.{key}", wanted[key])
+        changed.remove(key)
     if changed:
         key = changed[0]
         raise TrackingError(
