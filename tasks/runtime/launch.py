@@ -124,6 +124,12 @@ class _Unlogged:
     def flush(self, strict: bool = False) -> None:
         pass
 
+    def unsent(self) -> list:
+        return []
+
+    def resend(self, records: list) -> None:
+        pass
+
 
 
 def _worker(plan: StageRun, train_fn, error_dir: str, launcher_pid: int) -> dict:
@@ -138,7 +144,7 @@ def _worker(plan: StageRun, train_fn, error_dir: str, launcher_pid: int) -> dict
                                 timeout=timedelta(seconds=plan.runtime.collective_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         run_id, resume_from = _from_rank0(plan.run_id, plan.resume_from)
-        metrics = MetricLogger(run_id) if global_rank == 0 else _Unlogged()
+        metrics = MetricLogger(run_id, flush_every=None) if global_rank == 0 else _Unlogged()
         run = replace(plan, run_id=run_id, device=device, amp_dtype=amp, metrics=metrics, resume_from=resume_from)
         (result,) = _from_rank0(train_fn(run))
         dist.destroy_process_group()

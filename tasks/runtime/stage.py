@@ -234,7 +234,8 @@ def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | 
         if flow_run:
             tracking.get_client().set_tag(run_id, FLOW_RUN_TAG, flow_run)
     runs.log_params(run_id, as_params(config), changeable=("runtime.",))
-    run = StageRun(stage, key, prefix, run_id, config, device, amp, runs.MetricLogger(run_id),
+    # Metrics are sent when the training loop says so: once the checkpoint that covers them is published.
+    run = StageRun(stage, key, prefix, run_id, config, device, amp, runs.MetricLogger(run_id, flush_every=None),
                    resume_from=latest_checkpoint(prefix), code=code)
     try:
         yield run
@@ -250,9 +251,10 @@ def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | 
 
 
 def _mark_failed(run: StageRun, exc: BaseException) -> None:
-    """Best effort: the stage's own error is what the caller must see, not a second one from tracking."""
+    """Best effort: the stage's own error is what the caller must see, not a second one from tracking. Metrics not
+    sent yet stay unsent: those of steps after the last checkpoint will be logged again by the resumed run, and the
+    others are in that checkpoint, to be resent (tasks/runtime/loop.py)."""
     try:
-        run.metrics.flush()
         tracking.get_client().set_tag(run.run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
         runs.end_run(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
     except Exception:
