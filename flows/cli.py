@@ -98,34 +98,16 @@ def _run_stage(args, config):
 def _check_stage(name: str, config, inputs: dict) -> None:
     """The stage's own input checks, run before Prefect starts: bad input is one line here, not a failed flow run
     with a traceback (the stage runs them again inside its task, for deployments that bypass this CLI)."""
-    from tasks import evaluate, ppo, pretrain, reward
-    from tasks.runtime.stage import resolve_runtime
-    from tasks.tracking import client as tracking
+    from tasks.preflight import check_stage
 
-    stage_config = getattr(config, name)
-    if name == "pretrain":
-        pretrain.load_corpus(stage_config)
-        resolve_runtime(stage_config.runtime)
-    elif name == "reward":
-        reward.check_inputs(stage_config, inputs["pretrained"])
-    elif name == "ppo":
-        ppo.check_inputs(stage_config, inputs["pretrained"], inputs["reward_model"])
-    else:
-        evaluate.resolve_eval_inputs(stage_config, inputs["pretrained"], inputs["reward_model"], inputs["policy"])
-        resolve_runtime(stage_config.runtime)
-    tracking.check_tracking()
+    check_stage(name, config, inputs)
 
 
 def _check_pipeline(config) -> None:
-    """What can be checked before the first stage: the corpus, the devices, the tracking server."""
-    from tasks import pretrain
-    from tasks.runtime.stage import resolve_runtime
-    from tasks.tracking import client as tracking
+    """Every stage's files, raters and devices, and the tracking server, before Prefect starts (tasks/preflight.py)."""
+    from tasks.preflight import check_pipeline
 
-    pretrain.load_corpus(config.pretrain)
-    for name in STAGES:
-        resolve_runtime(getattr(config, name).runtime)
-    tracking.check_tracking()
+    check_pipeline(config)
 
 
 def _lineage(args) -> int:

@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows.stages import eval_flow, ppo_flow, pretrain_flow, reward_flow
 from tasks.config import PipelineConfig, apply_overrides, preset as make_preset
+from tasks.preflight import check_pipeline
 from tasks.runtime.orchestration import close_pipeline_run, open_pipeline_run
 from tasks.runtime.stage import StageResult
 
@@ -30,6 +31,7 @@ def pipeline(preset: str = "demo", overrides: list[str] | None = None,
              config: PipelineConfig | None = None) -> dict[str, StageResult]:
     """Run all four stages. Give a preset ("tiny", "demo") plus `stage.key=value` overrides, or a whole config."""
     cfg = build_config(preset, overrides, config)
+    check_pipeline(cfg)  # every stage's inputs, before anything is written (done already when the CLI started it)
     parent = open_pipeline_run(preset if config is None else "custom", list(overrides or []))
     results = None
     try:

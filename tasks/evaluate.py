@@ -26,8 +26,8 @@ from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompt
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.progress import progress_bar
 from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key
-from tasks.storage.inputs import (InputError, ModelInput, check_same_base, load_palm, load_policy, load_reward_model,
-                                  resolve_input, training_corpus)
+from tasks.storage.inputs import (InputError, ModelInput, Upstream, check_same_base, load_palm, load_policy,
+                                  load_reward_model, resolve_input)
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_table, log_text, log_text_dataset
 from tasks.tracking.registry import get_alias, set_alias
@@ -125,12 +125,18 @@ def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str
     if reference.get("digest") not in (None, pretrained.digest):
         raise InputError(f"--policy {policy.ref} was trained from {reference['digest']}, not from --pretrained "
                          f"{pretrained.ref} ({pretrained.digest}): KL to the reference would be meaningless")
-    corpus_text, _ = training_corpus(pretrained)
+    prompts, oracle = check_files(config, Upstream.of(pretrained))
+    return pretrained, reward, policy, prompts, oracle
+
+
+def check_files(config: EvalConfig, upstream: Upstream):
+    """The held-out prompts and the oracle, against the base model (`upstream`: a checkpoint's, or the one a
+    pipeline is about to pretrain): (prompts, oracle)."""
+    corpus_text, _ = upstream.corpus
     prompts = read_prompts(config.prompts) if config.prompts else make_prompts(
         corpus_text, config.num_prompts, config.prompt_chars, split="heldout", seed=config.seed)
-    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "eval.prompts")
-    oracle = load_labeler(config.labeler, corpus_text)
-    return pretrained, reward, policy, prompts, oracle
+    check_prompts_fit(prompts, upstream.context, config.max_new_tokens, "eval.prompts")
+    return prompts, load_labeler(config.labeler, corpus_text)
 
 
 def champion_input(policy: ModelInput) -> ModelInput | None:

@@ -21,8 +21,7 @@ from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimi
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import (ModelInput, check_same_base, load_palm, load_reward_model, resolve_input,
-                                  training_corpus)
+from tasks.storage.inputs import ModelInput, Upstream, check_same_base, load_palm, load_reward_model, resolve_input
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_text_dataset
 from tasks.tracking.samples import log_samples
@@ -159,11 +158,19 @@ class PPOTraining:
         return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in metrics}
 
 
-def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput) -> list[str]:
+def load_ppo_prompts(config: PPOConfig, upstream: Upstream) -> list[str]:
     if config.prompts:
         return read_prompts(config.prompts)
-    corpus_text, _ = training_corpus(pretrained)
+    corpus_text, _ = upstream.corpus
     return make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
+
+
+def check_files(config: PPOConfig, upstream: Upstream) -> list[str]:
+    """The stage's prompts, against the policy's base model (`upstream`: a checkpoint's, or the one a pipeline is
+    about to pretrain): read, and each fits its context with the tokens to generate."""
+    prompts = load_ppo_prompts(config, upstream)
+    check_prompts_fit(prompts, upstream.context, config.max_new_tokens, "ppo.prompts")
+    return prompts
 
 
 def check_inputs(config: PPOConfig, pretrained_uri: str, reward_uri: str) -> tuple[ModelInput, ModelInput, list[str]]:
@@ -172,9 +179,7 @@ def check_inputs(config: PPOConfig, pretrained_uri: str, reward_uri: str) -> tup
     reward = resolve_input(reward_uri, "reward", "--reward-model")
     check_same_base(pretrained, reward)
     resolve_runtime(config.runtime)
-    prompts = load_ppo_prompts(config, pretrained)
-    check_prompts_fit(prompts, pretrained.palm_config["max_seq_len"], config.max_new_tokens, "ppo.prompts")
-    return pretrained, reward, prompts
+    return pretrained, reward, check_files(config, Upstream.of(pretrained))
 
 
 def run_ppo(config: PPOConfig, pretrained_uri: str, reward_uri: str, *,

@@ -29,7 +29,7 @@ from tasks.runtime.loop import Throughput, optimizer_state, optimizer_state_dict
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import ModelInput, load_palm, resolve_input, training_corpus
+from tasks.storage.inputs import ModelInput, Upstream, load_palm, resolve_input, training_corpus
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_frame_dataset, log_table
 from tasks.tracking.runs import log_params
@@ -213,23 +213,29 @@ def _check_split(frame: pd.DataFrame, config: RewardConfig, what: str) -> None:
 
 
 def check_inputs(config: RewardConfig, pretrained_uri: str) -> tuple[ModelInput, FeedbackTable | None]:
-    """Every check on the stage's inputs, before any compute: the pretrained model, the device, and the feedback file
-    or, when feedback is to be simulated (None is returned for it), the prompts and the labeler it will use."""
+    """Every check on the stage's inputs, before any compute: the pretrained model, the device, and its files."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     resolve_runtime(config.runtime)
-    context = pretrained.palm_config["max_seq_len"]
+    return pretrained, check_files(config, Upstream.of(pretrained))
+
+
+def check_files(config: RewardConfig, upstream: Upstream) -> FeedbackTable | None:
+    """The stage's files and rater, against the model it fits on (`upstream`: a checkpoint's, or the one a pipeline
+    is about to pretrain): the feedback file or, when feedback is to be simulated (None is returned for it), the
+    prompts and the labeler it will use."""
+    context = upstream.context
     if config.feedback is None:
-        corpus_text, _ = training_corpus(pretrained)
+        corpus_text, _ = upstream.corpus
         load_labeler(config.labeler, corpus_text)
         prompts = make_prompts(corpus_text, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
         check_prompts_fit(prompts, context, config.response_tokens, "reward.feedback")
         rows = pd.DataFrame({"prompt": [p for p in prompts for _ in range(config.samples_per_prompt)]})
         _check_split(rows, config, "simulated feedback (reward.num_prompts x reward.samples_per_prompt)")
-        return pretrained, None
+        return None
     table = read_feedback(config.feedback, min_rating=MIN_RATING, max_rating=MAX_RATING)
     _check_split(table.frame, config, f"feedback {redact_uri(config.feedback)}")
     encode_dialogues(list(table.frame["prompt"]), [""] * len(table.frame), context)  # every prompt fits
-    return pretrained, table
+    return table
 
 
 def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str | None = None) -> StageResult:

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from tasks.data.files import expand, read_table, require_columns, suffix, unreadable
+from tasks.data.files import expand, read_bytes, read_table, require_columns, suffix
 from tasks.redact import redact_uri
 
 BUILTIN_CORPUS_URI = "builtin://cpython-docs"
@@ -123,11 +123,9 @@ def _read_corpus_files(uri: str, text_column: str, storage_options: dict | None)
             part = "\n".join(frame[text_column].dropna().astype(str))
         else:
             try:
-                part = fs.cat_file(path).decode("utf-8")
+                part = read_bytes(fs, path, CorpusError).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise CorpusError(f"{shown} is not UTF-8 text (byte {exc.start})") from None
-            except OSError as exc:
-                raise unreadable(shown, exc, CorpusError) from None
         # A newline between files keeps the last word of one from fusing with the first of the next.
         if parts and not parts[-1].endswith("\n"):
             parts.append("\n")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 import fsspec
 import torch
@@ -160,3 +162,22 @@ def training_corpus(pretrained: ModelInput) -> tuple[str, str]:
         raise InputError(f"the corpus {corpus['uri']} changed since {pretrained.ref} was trained on it "
                          f"(was {corpus['digest']}, now {text_digest(text)})")
     return text, corpus["digest"]
+
+
+@dataclass
+class Upstream:
+    """What a stage's files are checked against: the context length of the model it builds on and the corpus that
+    model was pretrained on (prompts are cut from it, the built-in rater learns its words there). Of a checkpoint that
+    exists (`Upstream.of`), or of the model a pipeline is about to pretrain, so that its later stages' files are
+    checked before the first compute. The corpus is read only when asked for."""
+
+    context: int
+    read_corpus: Callable[[], tuple[str, str]]  # () -> (text, digest)
+
+    @cached_property
+    def corpus(self) -> tuple[str, str]:
+        return self.read_corpus()
+
+    @classmethod
+    def of(cls, model: ModelInput) -> "Upstream":
+        return cls(model.palm_config["max_seq_len"], lambda: training_corpus(model))
