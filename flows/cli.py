@@ -4,7 +4,8 @@
     palm-rlhf stage NAME [--pretrained URI] [--reward-model URI] [--policy URI] [--preset] [--set] [--summary]
     palm-rlhf lineage MODEL_URI
 
-Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs), 1 for anything else.
+Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs, a damaged checkpoint), 1 for
+anything else (an outage, after its retries); 130 after Ctrl-C, 143 after SIGTERM (tasks/runtime/errors.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -121,19 +123,28 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _prefect_environment()
     from tasks.redact import redact
+    from tasks.runtime import signals
 
+    if argv is None and args.command != "lineage":  # as a program: stopped cleanly, and nothing it starts outlives it
+        code = signals.supervise()
+        if code is not None:
+            return code
+        signals.install()
     try:
         return _lineage(args) if args.command == "lineage" else _run(args)
-    except KeyboardInterrupt:
-        print("palm-rlhf: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
     except Exception as err:  # one line for people; the traceback is in the Prefect and MLflow run records
         from tasks.runtime.errors import is_user_error
 
         message = " ".join(redact(str(err)).split())  # one line, whatever the message's own layout
         print(f"palm-rlhf: error: {message or type(err).__name__}", file=sys.stderr)
         return 2 if is_user_error(err) else 1
-
+    except BaseException as stop:  # Ctrl-C, SIGTERM, SIGHUP (ours, or Prefect's bridge inside a flow)
+        if not signals.is_stop(stop):
+            raise
+        signum = signals.stop_signal(stop)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"palm-rlhf: {how}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return signals.exit_code(stop)
 
 if __name__ == "__main__":
     sys.exit(main())

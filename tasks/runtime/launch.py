@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.config import Runtime
+from tasks.runtime.signals import Terminated
 from tasks.runtime.stage import StageRun, resolve_runtime
 from tasks.storage.checkpoints import CheckpointRef
 from tasks.tracking.runs import MetricLogger
@@ -77,9 +78,11 @@ def launch(run: StageRun, train_fn) -> tuple[CheckpointRef, dict[str, float]]:
                 results = elastic_launch(config, _worker)(plan, train_fn, tmp, os.getpid())
         except ChildFailedError as err:
             raise _stage_error(err, tmp, rt.world_size) from None
-        except SignalException as err:
+        except SignalException as err:  # the launcher stopped the ranks; the stage stops as Ctrl-C would stop it
             if err.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None
+            if err.sigval in (signal.SIGTERM, signal.SIGHUP):
+                raise Terminated(err.sigval) from None
             raise
     out = results[min(results)]
     run.run_id = out["run_id"]

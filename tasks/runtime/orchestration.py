@@ -87,8 +87,9 @@ def open_pipeline_run(preset: str, overrides: list[str]) -> str:
 
 
 @task(**IO_RETRIES)
-def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None) -> None:
-    """Record which stage runs made this pipeline run (a reused one may sit under an earlier pipeline) and end it."""
+def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None, stopped: bool = False) -> None:
+    """Record which stage runs made this pipeline run (a reused one may sit under an earlier pipeline) and end it:
+    FINISHED, KILLED when it was stopped (Ctrl-C, SIGTERM), else FAILED."""
     if results is not None:
         summary = {name: r.model_dump() for name, r in results.items()}
         client = tracking.get_client()
@@ -98,4 +99,4 @@ def close_pipeline_run(run_id: str, results: dict[str, StageResult] | None) -> N
             if r.code:  # the code that made it: another version's, when reused across code versions
                 client.set_tag(run_id, f"stage.{name}.code", r.code)
         log_text(run_id, json.dumps(summary, indent=2), "summary.json")
-    end_run(run_id, "FINISHED" if results is not None else "FAILED")
+    end_run(run_id, "FINISHED" if results is not None else "KILLED" if stopped else "FAILED")

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from tasks.config import Runtime, as_params
 from tasks.redact import redact, redact_uri
+from tasks.runtime import signals
 from tasks.runtime.fingerprint import stage_code
 from tasks.runtime.lease import RunLease
 from tasks.storage.store import join_uri, store_root
@@ -256,7 +257,7 @@ def _mark_failed(run: StageRun, exc: BaseException) -> None:
     others are in that checkpoint, to be resent (tasks/runtime/loop.py)."""
     try:
         tracking.get_client().set_tag(run.run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
-        runs.end_run(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        runs.end_run(run.run_id, "KILLED" if signals.is_stop(exc) else "FAILED")
     except Exception:
         pass
 
