@@ -6,7 +6,8 @@
     palm-rlhf generate MODEL_URI [PROMPT ...] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K]
                        [--seed S] [--json] [--input FILE_URL --output FILE_URL]
 
-Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs), 1 for anything else.
+Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs, a damaged checkpoint), 1 for
+anything else (an outage, after its retries); 130 after Ctrl-C, 143 after SIGTERM (tasks/runtime/errors.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -113,34 +115,16 @@ def _run_stage(args, config):
 def _check_stage(name: str, config, inputs: dict) -> None:
     """The stage's own input checks, run before Prefect starts: bad input is one line here, not a failed flow run
     with a traceback (the stage runs them again inside its task, for deployments that bypass this CLI)."""
-    from tasks import evaluate, ppo, pretrain, reward
-    from tasks.runtime.stage import resolve_runtime
-    from tasks.tracking import client as tracking
+    from tasks.preflight import check_stage
 
-    stage_config = getattr(config, name)
-    if name == "pretrain":
-        pretrain.check_corpus_input(stage_config)
-        resolve_runtime(stage_config.runtime)
-    elif name == "reward":
-        reward.check_inputs(stage_config, inputs["pretrained"])
-    elif name == "ppo":
-        ppo.check_inputs(stage_config, inputs["pretrained"], inputs["reward_model"])
-    else:
-        evaluate.resolve_eval_inputs(stage_config, inputs["pretrained"], inputs["reward_model"], inputs["policy"])
-        resolve_runtime(stage_config.runtime)
-    tracking.check_tracking()
+    check_stage(name, config, inputs)
 
 
 def _check_pipeline(config) -> None:
-    """What can be checked before the first stage: the corpus, the devices, the tracking server."""
-    from tasks import pretrain
-    from tasks.runtime.stage import resolve_runtime
-    from tasks.tracking import client as tracking
+    """Every stage's files, raters and devices, and the tracking server, before Prefect starts (tasks/preflight.py)."""
+    from tasks.preflight import check_pipeline
 
-    pretrain.check_corpus_input(config.pretrain)
-    for name in STAGES:
-        resolve_runtime(getattr(config, name).runtime)
-    tracking.check_tracking()
+    check_pipeline(config)
 
 
 def _generate(args) -> int:
@@ -176,21 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _prefect_environment()
     from tasks.redact import redact
+    from tasks.runtime import signals
 
+    if argv is None and args.command != "lineage":  # as a program: stopped cleanly, and nothing it starts outlives it
+        code = signals.supervise()
+        if code is not None:
+            return code
+        signals.install()
     try:
         if args.command == "generate":
             return _generate(args)
         return _lineage(args) if args.command == "lineage" else _run(args)
-    except KeyboardInterrupt:
-        print("palm-rlhf: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
     except Exception as err:  # one line for people; the traceback is in the Prefect and MLflow run records
         from tasks.runtime.errors import is_user_error
 
         message = " ".join(redact(str(err)).split())  # one line, whatever the message's own layout
         print(f"palm-rlhf: error: {message or type(err).__name__}", file=sys.stderr)
         return 2 if is_user_error(err) else 1
-
+    except BaseException as stop:  # Ctrl-C, SIGTERM, SIGHUP (ours, or Prefect's bridge inside a flow)
+        if not signals.is_stop(stop):
+            raise
+        signum = signals.stop_signal(stop)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"palm-rlhf: {how}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return signals.exit_code(stop)
 
 if __name__ == "__main__":
     sys.exit(main())

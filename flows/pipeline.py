@@ -12,7 +12,9 @@ from prefect import flow
 
 from flows.stages import eval_flow, ppo_flow, pretrain_flow, reward_flow
 from tasks.config import PipelineConfig, apply_overrides, preset as make_preset
+from tasks.preflight import check_pipeline
 from tasks.runtime.orchestration import close_pipeline_run, open_pipeline_run
+from tasks.runtime.signals import is_stop
 from tasks.runtime.stage import StageResult
 
 
@@ -30,8 +32,9 @@ def pipeline(preset: str = "demo", overrides: list[str] | None = None,
              config: PipelineConfig | None = None) -> dict[str, StageResult]:
     """Run all four stages. Give a preset ("tiny", "demo") plus `stage.key=value` overrides, or a whole config."""
     cfg = build_config(preset, overrides, config)
+    check_pipeline(cfg)  # every stage's inputs, before anything is written (done already when the CLI started it)
     parent = open_pipeline_run(preset if config is None else "custom", list(overrides or []))
-    results = None
+    results, stopped = None, False
     try:
         pretrained = pretrain_flow(cfg.pretrain, parent_run_id=parent)
         reward = reward_flow(model_uri(pretrained), cfg.reward, parent_run_id=parent)
@@ -40,5 +43,8 @@ def pipeline(preset: str = "demo", overrides: list[str] | None = None,
                                parent_run_id=parent)
         results = {"pretrain": pretrained, "reward": reward, "ppo": policy, "eval": evaluation}
         return results
+    except BaseException as exc:
+        stopped = is_stop(exc)
+        raise
     finally:
-        close_pipeline_run(parent, results)
+        close_pipeline_run(parent, results, stopped=stopped)

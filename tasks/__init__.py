@@ -15,6 +15,7 @@ and what the stages share, one layer below them:
     data/       corpora, prompts, feedback tables, tokens, raters
 
 Imports point down only: flows/ -> the stage modules -> runtime/ -> serving/ -> storage/ -> tracking/ -> data/ ->
-models/.
-`redact.py` (credentials out of everything written) sits at the bottom with `config.py`.
+models/. `redact.py` (credentials out of everything written) and `outage.py` (a store or server that did not answer,
+told apart from bad input) sit at the bottom with `config.py`; `preflight.py` checks every stage's inputs before the
+first one starts, beside the stage modules.
 """

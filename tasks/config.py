@@ -44,6 +44,9 @@ class Runtime(_Config):
     rdzv_endpoint: str | None = Field(None, pattern=r"^\S+:\d+$")  # node 0's host:port, needed with nnodes > 1
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp shards weights, gradients and optimizer state across ranks
     collective_timeout_s: PositiveInt = 600  # a rank stuck this long in a collective fails the stage
+    # Reuse an earlier run of the same config and inputs made by other code (tasks/runtime/fingerprint.py), when no
+    # run of this code exists: for a change its author knows leaves the stage's output alone. Never by default.
+    reuse_across_code: bool = False
 
     @property
     def world_size(self) -> int:

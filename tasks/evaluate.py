@@ -26,7 +26,7 @@ from tasks.evaluation.report import examples_text, length_plot, rating_plot, rep
 from tasks.evaluation.sampling import Samples, sample_policy
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key
-from tasks.storage.inputs import (InputError, ModelInput, check_same_base, corpus_sample, feedback_prompts, load_palm,
+from tasks.storage.inputs import (InputError, ModelInput, Upstream, check_same_base, feedback_prompts, load_palm,
                                   load_policy, load_reward_model, resolve_input)
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_table, log_text, log_text_dataset
@@ -66,29 +66,44 @@ def _win(key: str, scores: torch.Tensor, baseline: torch.Tensor) -> dict[str, fl
     return {key: rate, f"{key}.ci_low": low, f"{key}.ci_high": high}
 
 
-def eval_prompts(config: EvalConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[list[str], str]:
-    """eval.prompts; else the held-out prompts of the feedback the reward model was fitted on (never PPO's); else
-    (simulated feedback: the built-in demo) held-out prompts cut from the corpus."""
+def eval_prompts(config: EvalConfig, upstream: Upstream,
+                 heldout: list[str] | None) -> tuple[list[str], str] | None:
+    """eval.prompts; else the held-out prompts of the feedback the reward model was fitted on (`heldout`, never
+    PPO's); else (simulated feedback: the built-in demo) held-out prompts cut from the corpus. None when the held-out
+    prompts of user feedback are not split yet (a pipeline's check before its reward stage: that stage checks them)."""
     if config.prompts:
         return read_prompts(config.prompts), config.prompts
-    from_feedback = feedback_prompts(reward, "heldout")
-    if from_feedback is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
-        fitted, _ = fit_prompts(from_feedback[:config.num_prompts], pretrained.tokenizer,
-                                pretrained.palm_config["max_seq_len"], config.max_new_tokens)
+    if heldout is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
+        fitted, _ = fit_prompts(heldout[:config.num_prompts], upstream.tokenizer, upstream.context,
+                                config.max_new_tokens)
         return fitted, "feedback:heldout-prompts"
-    sample, _ = corpus_sample(pretrained)
+    sample, _ = upstream.corpus
     return (make_prompts(sample, config.num_prompts, config.prompt_chars, split="heldout", seed=config.seed),
             "corpus:heldout")
 
 
-def eval_oracle(config: EvalConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[Labeler | None, str | None]:
-    """The oracle and its spec: eval.labeler; else the rater that simulated the reward model's feedback; else none."""
-    feedback = reward.manifest.get("feedback") or {}
-    spec = config.labeler or (feedback.get("labeler") if feedback.get("simulated") else None)
+def eval_oracle(config: EvalConfig, upstream: Upstream, simulated_with: str | None) -> tuple[Labeler | None, str | None]:
+    """The oracle and its spec: eval.labeler; else the rater that simulated the reward model's feedback
+    (`simulated_with`); else none."""
+    spec = config.labeler or simulated_with
     if spec is None:
         return None, None
-    sample, _ = corpus_sample(pretrained) if spec.startswith("builtin:") else ("", None)
+    sample, _ = upstream.corpus if spec.startswith("builtin:") else ("", None)
     return load_labeler(spec, sample), spec
+
+
+def check_files(config: EvalConfig, upstream: Upstream, heldout: list[str] | None = None,
+                simulated_with: str | None = None, from_feedback: bool = False):
+    """The prompts and the oracle, against the base model (`upstream`: a checkpoint's, or the one a pipeline is about
+    to pretrain), given what the reward model was fitted on (its feedback's held-out prompts, the rater that simulated
+    it; `from_feedback`: user feedback whose split is not made yet): (prompts, source, oracle, spec)."""
+    found = eval_prompts(config, upstream, heldout) if heldout is not None or not from_feedback or config.prompts \
+        else None
+    prompts, source = found if found is not None else (None, "feedback:heldout-prompts")
+    if prompts is not None:
+        check_prompts_fit(prompts, upstream.tokenizer, upstream.context, config.max_new_tokens, "eval.prompts")
+    oracle, spec = eval_oracle(config, upstream, simulated_with)
+    return prompts, source, oracle, spec
 
 
 def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_uri: str):
@@ -101,10 +116,10 @@ def resolve_eval_inputs(config: EvalConfig, pretrained_uri: str, reward_uri: str
     if reference.get("digest") not in (None, pretrained.digest):
         raise InputError(f"--policy {policy.ref} was trained from {reference['digest']}, not from --pretrained "
                          f"{pretrained.ref} ({pretrained.digest}): KL to the reference would be meaningless")
-    prompts, source = eval_prompts(config, pretrained, reward)
-    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.max_new_tokens,
-                      "eval.prompts")
-    oracle, spec = eval_oracle(config, pretrained, reward)
+    feedback = reward.manifest.get("feedback") or {}
+    simulated_with = feedback.get("labeler") if feedback.get("simulated") else None
+    prompts, source, oracle, spec = check_files(config, Upstream.of(pretrained), feedback_prompts(reward, "heldout"),
+                                                simulated_with)
     return pretrained, reward, policy, prompts, source, oracle, spec
 
 

@@ -21,8 +21,8 @@ from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimi
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import (TOKENIZER_FILE, ModelInput, check_same_base, corpus_sample, feedback_prompts,
-                                  load_palm, load_reward_model, resolve_input)
+from tasks.storage.inputs import (TOKENIZER_FILE, ModelInput, Upstream, check_same_base, feedback_prompts, load_palm,
+                                  load_reward_model, resolve_input)
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_text_dataset
 from tasks.tracking.samples import log_samples
@@ -165,19 +165,33 @@ class PPOTraining:
         return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in metrics}
 
 
-def load_ppo_prompts(config: PPOConfig, pretrained: ModelInput, reward: ModelInput) -> tuple[list[str], str]:
+def load_ppo_prompts(config: PPOConfig, upstream: Upstream, reward: ModelInput | None,
+                     from_feedback: bool = False) -> tuple[list[str], str] | None:
     """The training prompts and where they came from: ppo.prompts; else the training prompts of the feedback the
-    reward model was fitted on; else (simulated feedback: the built-in demo) prompts cut from the corpus."""
+    reward model was fitted on; else (simulated feedback: the built-in demo) prompts cut from the corpus. Before the
+    reward model exists (`reward` None) prompts that will come from its feedback (`from_feedback`) are None: that
+    feedback is checked by the reward stage's own checks."""
     if config.prompts:
         return read_prompts(config.prompts), config.prompts
-    from_feedback = feedback_prompts(reward, "train")
-    if from_feedback is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
-        fitted, _ = fit_prompts(from_feedback, pretrained.tokenizer, pretrained.palm_config["max_seq_len"],
-                                config.max_new_tokens)
+    prompts = feedback_prompts(reward, "train") if reward is not None else None
+    if prompts is not None:  # a prompt with no room to answer keeps its end, as in the reward model's rows
+        fitted, _ = fit_prompts(prompts, upstream.tokenizer, upstream.context, config.max_new_tokens)
         return fitted, "feedback:train-prompts"
-    sample, _ = corpus_sample(pretrained)
+    if reward is None and from_feedback:
+        return None
+    sample, _ = upstream.corpus
     return (make_prompts(sample, config.num_prompts, config.prompt_chars, split="train", seed=config.seed),
             "corpus:train-prompts")
+
+
+def check_files(config: PPOConfig, upstream: Upstream, reward: ModelInput | None = None,
+                from_feedback: bool = False) -> tuple[list[str], str] | None:
+    """The stage's prompts, against the policy's base model (`upstream`: a checkpoint's, or the one a pipeline is
+    about to pretrain): read, and each fits its context with the tokens to generate."""
+    found = load_ppo_prompts(config, upstream, reward, from_feedback)
+    if found is not None:
+        check_prompts_fit(found[0], upstream.tokenizer, upstream.context, config.max_new_tokens, "ppo.prompts")
+    return found
 
 
 def check_inputs(config: PPOConfig, pretrained_uri: str,
@@ -188,9 +202,7 @@ def check_inputs(config: PPOConfig, pretrained_uri: str,
     reward = resolve_input(reward_uri, "reward", "--reward-model")
     check_same_base(pretrained, reward)
     resolve_runtime(config.runtime)
-    prompts, source = load_ppo_prompts(config, pretrained, reward)
-    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.max_new_tokens,
-                      "ppo.prompts")
+    prompts, source = check_files(config, Upstream.of(pretrained), reward)
     return pretrained, reward, prompts, source
 
 

@@ -33,7 +33,7 @@ from tasks.runtime.progress import progress_bar
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
 from tasks.storage.inputs import TOKENIZER_FILE
-from tasks.storage.store import create_file, join_uri, local_copy, read_file, store_root, upload_file
+from tasks.storage.store import check_store, create_file, join_uri, local_copy, read_file, store_root, upload_file
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_text_dataset
 from tasks.tracking.samples import log_samples
@@ -75,14 +75,36 @@ def check_corpus_input(config: PretrainConfig) -> None:
     check_corpus(config.corpus, config.text_column, min_chars=round((config.seq_len + 1) / config.heldout_fraction))
 
 
-def prepare_corpus(config: PretrainConfig) -> PreparedCorpus:
-    """The corpus's digest and sample (one pass), its tokenizer, and its token file (a second pass), reused when this
-    corpus was prepared with this tokenizer before."""
+_planned: dict[tuple, tuple] = {}  # a pipeline's up-front check hands its scan to pretraining in the same process
+
+
+def plan_corpus(config: PretrainConfig) -> tuple[str, str, Tokenizer]:
+    """What pretraining will make of the corpus, for checking the later stages' files before it starts: (the text
+    sample, the corpus digest, the tokenizer). One pass over the corpus; pretraining in this process reuses it."""
+    found, tokenizer = _scan(config)
+    _planned[_plan_key(config)] = (found, tokenizer)
+    return "\n".join(found.sample), found.digest, tokenizer
+
+
+def _plan_key(config: PretrainConfig) -> tuple:
+    return (config.corpus or BUILTIN_CORPUS_URI, config.text_column, config.tokenizer, config.tokenizer_vocab)
+
+
+def _scan(config: PretrainConfig):
     uri = config.corpus or BUILTIN_CORPUS_URI
     found = scan(iter_corpus(uri, config.text_column))
     if not found.chars:
         raise CorpusError(f"corpus {redact_uri(uri)} is empty")
     tokenizer = ByteTokenizer() if config.tokenizer == "bytes" else train_bpe(found.sample, config.tokenizer_vocab)
+    return found, tokenizer
+
+
+def prepare_corpus(config: PretrainConfig) -> PreparedCorpus:
+    """The corpus's digest and sample (one pass), its tokenizer, and its token file (a second pass), reused when this
+    corpus was prepared with this tokenizer before. The token file always holds the documents of the digest it is
+    recorded under: writing it checks the corpus still reads as scanned."""
+    uri = config.corpus or BUILTIN_CORPUS_URI
+    found, tokenizer = _planned.pop(_plan_key(config), None) or _scan(config)
     key = hashlib.sha256(json.dumps([CORPUS_FORMAT, found.digest, digest(tokenizer)]).encode()).hexdigest()[:20]
     folder = join_uri(store_root(), "corpus", key)
     raw = read_file(join_uri(folder, RECORDS))
@@ -207,6 +229,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None) ->
     check_corpus_input(config)
     resolve_runtime(config.runtime)
     tracking.check_tracking()
+    check_store()
     corpus = prepare_corpus(config)
 
     def log_inputs(run_id: str) -> None:

@@ -33,7 +33,7 @@ from tasks.runtime.loop import Throughput, optimizer_state, optimizer_state_dict
 from tasks.runtime.orchestration import compute_task
 from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
-from tasks.storage.inputs import TOKENIZER_FILE, ModelInput, corpus_sample, load_palm, resolve_input
+from tasks.storage.inputs import TOKENIZER_FILE, ModelInput, Upstream, corpus_sample, load_palm, resolve_input
 from tasks.storage.store import create_file, join_uri
 from tasks.tracking import client as tracking
 from tasks.tracking.artifacts import log_curves, log_frame_dataset, log_table
@@ -217,34 +217,38 @@ def _check_split(frame: pd.DataFrame, config: RewardConfig, what: str) -> None:
                          f"(reward.heldout_fraction {config.heldout_fraction})")
 
 
-def read_user_feedback(config: RewardConfig, pretrained: ModelInput) -> PreparedFeedback:
-    """The user's feedback file, read, checked and tokenized for the pretrained model; one clear error otherwise."""
+def read_user_feedback(config: RewardConfig, tokenizer, context: int) -> PreparedFeedback:
+    """The user's feedback file, read, checked and tokenized for the model it fits on; one clear error otherwise."""
     shown = redact_uri(config.feedback)
     table = read_feedback(config.feedback, rating_scale=config.rating_scale)
     if table.kind == "ratings" and table.rating_scale is None:
         raise FeedbackError(f"feedback {shown}: every rating is {table.frame['rating'].iloc[0]:g}, which says nothing "
                             "of the scale: set reward.rating_scale (e.g. [0, 1] for thumbs)")
-    feedback = prepare_feedback(table, pretrained.tokenizer, pretrained.palm_config["max_seq_len"],
-                                config.on_too_long, shown)
+    feedback = prepare_feedback(table, tokenizer, context, config.on_too_long, shown)
     _check_split(feedback.frame, config, f"feedback {shown}")
     return feedback
 
 
 def check_inputs(config: RewardConfig, pretrained_uri: str) -> tuple[ModelInput, PreparedFeedback | None]:
-    """Every check on the stage's inputs, before any compute: the pretrained model, the device, and the feedback file
-    or, when feedback is to be simulated (None is returned for it), the prompts and the labeler it will use."""
+    """Every check on the stage's inputs, before any compute: the pretrained model, the device, and its files."""
     pretrained = resolve_input(pretrained_uri, "palm", "--pretrained")
     resolve_runtime(config.runtime)
+    return pretrained, check_files(config, Upstream.of(pretrained))
+
+
+def check_files(config: RewardConfig, upstream: Upstream) -> PreparedFeedback | None:
+    """The stage's files and rater, against the model it fits on (`upstream`: a checkpoint's, or the one a pipeline
+    is about to pretrain): the feedback file, read and tokenized, or, when feedback is to be simulated (None is
+    returned for it), the prompts and the labeler it will use."""
     if config.feedback is not None:
-        return pretrained, read_user_feedback(config, pretrained)
-    sample, _ = corpus_sample(pretrained)
+        return read_user_feedback(config, upstream.tokenizer, upstream.context)
+    sample, _ = upstream.corpus
     load_labeler(config.labeler, sample)
     prompts = make_prompts(sample, config.num_prompts, config.prompt_chars, split="train", seed=config.seed)
-    check_prompts_fit(prompts, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], config.response_tokens,
-                      "reward.feedback")
+    check_prompts_fit(prompts, upstream.tokenizer, upstream.context, config.response_tokens, "reward.feedback")
     rows = pd.DataFrame({"prompt": [p for p in prompts for _ in range(config.samples_per_prompt)]})
     _check_split(rows, config, "simulated feedback (reward.num_prompts x reward.samples_per_prompt)")
-    return pretrained, None
+    return None
 
 
 def write_prompt_sets(prefix: str, feedback: PreparedFeedback, config: RewardConfig) -> dict:

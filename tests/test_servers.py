@@ -94,15 +94,6 @@ def test_prefect_records_a_completed_flow_run(prefect_server):
     assert recorded.state.is_completed()
 
 
-def test_prefect_blocks_save_and_load(prefect_server):
-    # The server skips registering block types at start; saving one must register it.
-    from prefect.blocks.system import Secret
-
-    with prefect_api(prefect_server):
-        Secret(value="not-a-real-token").save("servers-smoke", overwrite=True)
-        assert Secret.load("servers-smoke").get() == "not-a-real-token"
-
-
 def test_worker_is_listed_and_runs_a_deployment(prefect_server, tmp_path):
     (tmp_path / "hello.py").write_text(
         "from prefect import flow\n\n@flow\ndef hello(name: str) -> str:\n    return f'hello {name}'\n"

@@ -1,12 +1,15 @@
 """Reading data at fsspec URLs (a local path, ``file://``, ``s3://``, a glob) and the digests that name its content.
 
 Every reader fails with one clear error, naming the file or column, before any training starts; the error class is
-the caller's (a corpus error, a feedback error). URIs in messages are redacted.
+the caller's (a corpus error, a feedback error), unless the store did not answer: that is an outage
+(`tasks.outage.Unavailable`, retried), not bad data. Bytes are fetched first and parsed after, so the two never mix.
+URIs in messages are redacted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 import re
@@ -15,6 +18,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from tasks.outage import Unavailable, is_outage
 from tasks.redact import redact, redact_uri
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json")
@@ -42,10 +46,14 @@ def open_filesystem(uri: str, storage_options: dict | None, error: type[ValueErr
     return fs, path
 
 
-def unreadable(uri: str, exc: OSError, error: type[ValueError]) -> ValueError:
-    """Access denied, an unreachable endpoint: fsspec's own message names neither the URL nor a fix."""
-    return error(f"cannot read {redact_uri(uri)}: {type(exc).__name__}: {redact(str(exc))}; "
-                 "check the storage credentials and endpoint in the environment")
+def unreadable(uri: str, exc: BaseException, error: type[ValueError]) -> Exception:
+    """Access denied, or a store that did not answer: fsspec's own message names neither the URL nor a fix."""
+    cause = f"{type(exc).__name__}: {redact(' '.join(str(exc).split()))}"
+    if is_outage(exc):
+        return Unavailable(f"cannot read {redact_uri(uri)}: the store did not answer ({cause}); it is retried, and "
+                           "the same command resumes once the store is back")
+    return error(f"cannot read {redact_uri(uri)}: {cause}; check the storage credentials and endpoint in the "
+                 "environment")
 
 
 def file_kind(fs, path: str, uri: str, error: type[ValueError]) -> str | None:
@@ -54,8 +62,19 @@ def file_kind(fs, path: str, uri: str, error: type[ValueError]) -> str | None:
         return fs.info(path)["type"]
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except Exception as exc:
         raise unreadable(uri, exc, error) from None
+
+
+def read_bytes(fs, path: str, error: type[ValueError]) -> bytes:
+    """A whole file's bytes; a missing file or a refused read is `error`, a store that did not answer an outage."""
+    shown = redact_uri(fs.unstrip_protocol(path))
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise error(f"file not found: {shown}") from None
+    except Exception as exc:
+        raise unreadable(shown, exc, error) from None
 
 
 def expand(uri: str, storage_options: dict | None, error: type[ValueError]) -> tuple:
@@ -69,7 +88,9 @@ def expand(uri: str, storage_options: dict | None, error: type[ValueError]) -> t
             paths = sorted(p for p in fs.find(path) if not re.search(r"(^|/)\.", p[len(root):]))
         else:
             paths = [path] if kind == "file" else []
-    except OSError as exc:
+    except error:
+        raise
+    except Exception as exc:
         raise unreadable(uri, exc, error) from None
     if not paths:
         raise error(f"no file matches {redact_uri(uri)}")
@@ -78,16 +99,14 @@ def expand(uri: str, storage_options: dict | None, error: type[ValueError]) -> t
 
 def read_table(fs, path: str, error: type[ValueError], **csv_options) -> pd.DataFrame:
     shown = redact_uri(fs.unstrip_protocol(path))
+    f = io.BytesIO(read_bytes(fs, path, error))
     try:
-        with fs.open(path, "rb") as f:
-            kind = suffix(path)
-            if kind == ".parquet":
-                return pd.read_parquet(f)
-            if kind in (".jsonl", ".json"):  # dtype=False: a response "42" stays text
-                return pd.read_json(f, lines=True, dtype=False)
-            return pd.read_csv(f, **csv_options)
-    except FileNotFoundError:
-        raise error(f"file not found: {shown}") from None
+        kind = suffix(path)
+        if kind == ".parquet":
+            return pd.read_parquet(f)
+        if kind in (".jsonl", ".json"):  # dtype=False: a response "42" stays text
+            return pd.read_json(f, lines=True, dtype=False)
+        return pd.read_csv(f, **csv_options)
     except Exception as exc:  # parser errors differ per format; the file name is what a user needs
         raise error(f"cannot read {shown}: {redact(str(exc))}") from None
 

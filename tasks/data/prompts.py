@@ -7,7 +7,7 @@ import itertools
 import random
 
 from tasks.data.corpus import CorpusError
-from tasks.data.files import TABLE_SUFFIXES, expand, read_table, require_columns, suffix
+from tasks.data.files import TABLE_SUFFIXES, expand, read_bytes, read_table, require_columns, suffix
 from tasks.redact import redact_uri
 
 
@@ -74,7 +74,8 @@ def read_prompts(uri: str, *, storage_options: dict | None = None) -> list[str]:
         prompts = list(frame["prompt"])
     else:
         try:
-            prompts = [line for line in fs.cat_file(paths[0]).decode("utf-8").splitlines() if line.strip()]
+            prompts = [line for line in read_bytes(fs, paths[0], CorpusError).decode("utf-8").splitlines()
+                       if line.strip()]
         except UnicodeDecodeError as exc:
             raise CorpusError(f"{shown} is not UTF-8 text (byte {exc.start})") from None
     if not prompts:

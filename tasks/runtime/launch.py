@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.config import Runtime
+from tasks.runtime.signals import Terminated
 from tasks.runtime.stage import StageRun, resolve_runtime
 from tasks.storage.checkpoints import CheckpointRef
 from tasks.tracking.runs import MetricLogger
@@ -77,9 +78,11 @@ def launch(run: StageRun, train_fn) -> tuple[CheckpointRef, dict[str, float]]:
                 results = elastic_launch(config, _worker)(plan, train_fn, tmp, os.getpid())
         except ChildFailedError as err:
             raise _stage_error(err, tmp, rt.world_size) from None
-        except SignalException as err:
+        except SignalException as err:  # the launcher stopped the ranks; the stage stops as Ctrl-C would stop it
             if err.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None
+            if err.sigval in (signal.SIGTERM, signal.SIGHUP):
+                raise Terminated(err.sigval) from None
             raise
     out = results[min(results)]
     run.run_id = out["run_id"]
@@ -124,6 +127,12 @@ class _Unlogged:
     def flush(self, strict: bool = False) -> None:
         pass
 
+    def unsent(self) -> list:
+        return []
+
+    def resend(self, records: list) -> None:
+        pass
+
 
 
 def _worker(plan: StageRun, train_fn, error_dir: str, launcher_pid: int) -> dict:
@@ -138,7 +147,7 @@ def _worker(plan: StageRun, train_fn, error_dir: str, launcher_pid: int) -> dict
                                 timeout=timedelta(seconds=plan.runtime.collective_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
         run_id, resume_from = _from_rank0(plan.run_id, plan.resume_from)
-        metrics = MetricLogger(run_id) if global_rank == 0 else _Unlogged()
+        metrics = MetricLogger(run_id, flush_every=None) if global_rank == 0 else _Unlogged()
         run = replace(plan, run_id=run_id, device=device, amp_dtype=amp, metrics=metrics, resume_from=resume_from)
         (result,) = _from_rank0(train_fn(run))
         dist.destroy_process_group()

@@ -4,6 +4,12 @@ The loop owns what the stages share: resuming from the last complete checkpoint,
 metrics to MLflow, a checkpoint every `checkpoint_every` steps and at the end (rank 0 writes, the other ranks wait),
 the progress bar, and starting the ranks of a data-parallel stage. A stage brings a `Training`: what its step does and
 what its checkpoint holds.
+
+Metrics reach MLflow exactly once per step, with the values of the run whose weights are kept: a step's metrics are
+sent only after the checkpoint that covers the step is published. That checkpoint lists every metric MLflow has not
+acknowledged yet, with the timestamp it was logged at; a resumed run sends that list again before its first step (MLflow
+keeps one copy of identical metrics), and the steps after the checkpoint, whose metrics were never sent, are computed
+and logged anew. So the MLflow curve grows at each checkpoint; the progress bar shows every step as it happens.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Protocol
 import torch
 
 from tasks.runtime import parallel
+from tasks.runtime.fingerprint import stage_modules
 from tasks.runtime.progress import progress_bar
 from tasks.runtime.stage import StageRun
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef, load_checkpoint, save_checkpoint
@@ -57,6 +64,9 @@ def train(run: StageRun, training: Training) -> tuple[CheckpointRef, dict[str, f
         return launch(run, partial(train, training=training))
     ref = run.resume_from
     resumed = load_checkpoint(ref.uri) if ref is not None else None
+    if resumed is not None:  # sent before the kill, or not: MLflow keeps one copy either way
+        run.metrics.resend(resumed.manifest.get("unsent_metrics", []))
+        run.metrics.flush()
     training.start(run, resumed)
     start, metrics = (ref.step, resumed.manifest.get("metrics", {})) if resumed else (0, {})
     with progress_bar(run.stage, training.steps, start) as show:
@@ -73,8 +83,8 @@ def train(run: StageRun, training: Training) -> tuple[CheckpointRef, dict[str, f
             run.metrics.log(done, **metrics)
             show(done, **{k: metrics[k] for k in training.shown if k in metrics})
             if done % training.checkpoint_every == 0 or done == training.steps:
-                run.metrics.flush()  # the curve up to a checkpoint outlives a crash; a resume logs only later steps
                 ref = _save(run, done, training.checkpoint(), metrics) or ref
+                run.metrics.flush()  # covered by a published checkpoint now: never computed (and logged) again
     run.metrics.flush()
     if not parallel.is_main():  # rank 0 reports; the launcher returns its result
         return ref, {}
@@ -94,7 +104,8 @@ def _save(run: StageRun, step: int, fields: dict, metrics: dict[str, float]) -> 
     ref = None
     if parallel.is_main():
         kept = {k: v for k, v in metrics.items() if math.isfinite(v) and not k.endswith("_per_s")}
-        fields["extra"] = {**fields.get("extra", {}), "metrics": kept}
+        fields["extra"] = {**fields.get("extra", {}), "metrics": kept, "unsent_metrics": run.metrics.unsent(),
+                           "code": {"fingerprint": run.code, "modules": stage_modules(run.stage)}}
         ref = save_checkpoint(run.prefix, step, stage_config=run.config.model_dump(mode="json"), **fields)
     parallel.barrier()
     return ref

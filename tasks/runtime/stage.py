@@ -1,10 +1,12 @@
 """A stage's run: its run key, the cache, its MLflow run, its registered model, and the result it returns.
 
-A stage's run key is a digest of its config (without runtime settings such as the device) and of its inputs' digests.
+A stage's run key is a digest of its config (without runtime settings such as the device), of its inputs' digests and
+of the code that computes it (tasks/runtime/fingerprint.py: a fix to PPO retrains PPO, an edit elsewhere does not).
 Its checkpoints live under `<store>/<stage>/<run key>/`, so:
 - the same stage with the same config and inputs finds its own final checkpoint and is reused (`cached: true`);
 - the same command after a crash finds its last complete checkpoint and resumes from it;
-- a different config or input writes under a different prefix and never touches another run's checkpoints;
+- a different config, input or code writes under a different prefix and never touches another run's checkpoints
+  (`runtime.reuse_across_code` reuses a run of other code, when its author knows the change is harmless);
 - two processes given the same run key at once (a stage rerun racing the pipeline) do not both train: one holds the
   run key's lease (`RunLease`), the other waits for it and then reuses its result.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,17 +35,24 @@ from pydantic import BaseModel
 
 from tasks.config import Runtime, as_params
 from tasks.redact import redact, redact_uri
+from tasks.runtime import signals
+from tasks.runtime.fingerprint import stage_code
 from tasks.runtime.lease import RunLease
 from tasks.serving.export import log_model
 from tasks.storage.store import join_uri, store_root
 from tasks.storage.checkpoints import CheckpointRef, latest_checkpoint, read_manifest
 from tasks.tracking import client as tracking
 from tasks.tracking import registry, runs
+from tasks.tracking.lineage import CODE_TAG
 
 RUN_KEY_TAG = "palm_rlhf.run_key"
+DATA_KEY_TAG = "palm_rlhf.data_key"  # the run key without the code: what runs of other code share
+REUSED_TAG = "palm_rlhf.reused_across_code"
 STAGE_TAG = "palm_rlhf.stage"
 CANDIDATE, CHAMPION = "candidate", "champion"
 FLOW_RUN_TAG = "prefect.flow_run_id"
+
+log = logging.getLogger(__name__)
 
 
 class StageResult(BaseModel):
@@ -57,6 +67,7 @@ class StageResult(BaseModel):
     cached: bool = False
     run_key: str
     metrics: dict[str, float] = {}
+    code: str | None = None  # the fingerprint of the code that made it (tasks/runtime/fingerprint.py)
 
 
 @dataclass
@@ -77,6 +88,7 @@ class StageRun:
     metrics: runs.MetricLogger | None = field(default=None, repr=False)
     resume_from: CheckpointRef | None = None
     result: StageResult | None = None
+    code: str | None = None  # the stage's code fingerprint, recorded in every checkpoint it writes
     _finish: Callable | None = field(default=None, repr=False)
 
     @property
@@ -107,9 +119,12 @@ def resolve_runtime(runtime: Runtime) -> tuple[torch.device, torch.dtype | None]
     return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
-def run_key(stage: str, config: BaseModel, inputs: dict[str, str | None]) -> str:
-    """Digest of what determines a stage's output: its config (less runtime) and its inputs' digests."""
+def run_key(stage: str, config: BaseModel, inputs: dict[str, str | None], *, code: bool = True) -> str:
+    """Digest of what determines a stage's output: its config (less runtime), its inputs' digests and its code's
+    fingerprint (`code=False`: the data key, which runs of other code share)."""
     payload = {"stage": stage, "config": config.model_dump(exclude={"runtime"}, mode="json"), "inputs": inputs}
+    if code:
+        payload["code"] = stage_code(stage)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -156,30 +171,37 @@ def stage_run(stage: str, config: BaseModel, *, inputs: dict[str, str | None], m
     reopen, when resuming) the MLflow run, and register the checkpoint the body hands to `run.trained` as the next
     version of `model_name`. Every check on bad input has been made by the caller before this point.
     """
-    key = run_key(stage, config, inputs)
+    key, data_key = run_key(stage, config, inputs), run_key(stage, config, inputs, code=False)
     device, amp = resolve_runtime(config.runtime)  # a bad device fails before any run opens
-    prefix = stage_prefix(stage, key)
+    prefix, code = stage_prefix(stage, key), stage_code(stage)
     if config.runtime.node_rank > 0:  # this node only adds ranks to node 0's run, unless node 0 will find it done
-        run = StageRun(stage, key, prefix, None, config, device, amp,
+        run = StageRun(stage, key, prefix, None, config, device, amp, code=code,
                        result=cached_result(stage, key, config.steps, model_name))
         run._finish = lambda ref, metrics: setattr(run, "result", _result(run, ref, metrics, model_name, None))
         yield run
         return
-    hit = cached_result(stage, key, config.steps, model_name)
+
+    def reusable() -> StageResult | None:
+        hit = cached_result(stage, key, config.steps, model_name)
+        if hit is None and config.runtime.reuse_across_code:
+            hit = _result_of_other_code(stage, data_key, config.steps, model_name)
+        return hit
+
+    hit = reusable()
     if hit is not None:
-        yield StageRun(stage, key, prefix, hit.mlflow_run_id, config, device, amp, result=hit)
+        yield StageRun(stage, hit.run_key, prefix, hit.mlflow_run_id, config, device, amp, result=hit, code=code)
         return
     with RunLease(prefix, stage):
-        hit = cached_result(stage, key, config.steps, model_name)  # the lease's last holder may have just made it
+        hit = reusable()  # the lease's last holder may have just made it
         if hit is not None:
-            yield StageRun(stage, key, prefix, hit.mlflow_run_id, config, device, amp, result=hit)
+            yield StageRun(stage, hit.run_key, prefix, hit.mlflow_run_id, config, device, amp, result=hit, code=code)
             return
-        with mlflow_run(stage, key, config, parent_run_id=parent_run_id) as run:
+        with mlflow_run(stage, key, config, parent_run_id=parent_run_id, data_key=data_key) as run:
             if log_inputs is not None:
                 log_inputs(run.run_id)
 
             def finish(ref: CheckpointRef, metrics: dict[str, float]) -> None:
-                version = register(stage, model_name, ref, run.run_id, key, lineage)
+                version = register(stage, model_name, ref, run.run_id, key, {**lineage, CODE_TAG: code})
                 run.result = _result(run, ref, metrics, model_name, version)
 
             run._finish = finish
@@ -188,18 +210,24 @@ def stage_run(stage: str, config: BaseModel, *, inputs: dict[str, str | None], m
 
 def _result(run: StageRun, ref: CheckpointRef, metrics: dict, model_name: str, version: str | None) -> StageResult:
     return StageResult(stage=run.stage, checkpoint_uri=ref.uri, digest=ref.digest, mlflow_run_id=run.run_id,
-                       model_name=model_name, model_version=version, run_key=run.run_key, metrics=metrics)
+                       model_name=model_name, model_version=version, run_key=run.run_key, metrics=metrics,
+                       code=run.code)
 
 
 @contextmanager
-def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | None) -> Iterator[StageRun]:
-    """Open (or reopen, when resuming) the stage's MLflow run; mark it FAILED if the body raises."""
-    prefix = stage_prefix(stage, key)
+def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | None,
+               data_key: str | None = None) -> Iterator[StageRun]:
+    """Open (or reopen, when resuming) the stage's MLflow run; mark it FAILED (KILLED when stopped) if the body
+    raises."""
+    prefix, code = stage_prefix(stage, key), stage_code(stage)
     device, amp = resolve_runtime(config.runtime)
     flow_run = prefect_flow_run_id()
     run_id = runs.find_run({RUN_KEY_TAG: key, STAGE_TAG: stage, "checkpoint_prefix": prefix})
     if run_id is None:
-        tags = {RUN_KEY_TAG: key, STAGE_TAG: stage, "code_version": code_version(), "checkpoint_prefix": prefix}
+        tags = {RUN_KEY_TAG: key, STAGE_TAG: stage, "code_version": code_version(), "checkpoint_prefix": prefix,
+                CODE_TAG: code}
+        if data_key:
+            tags[DATA_KEY_TAG] = data_key
         if flow_run:
             tags[FLOW_RUN_TAG] = flow_run
         run_id = runs.start_run(stage, parent_run_id=parent_run_id, tags=tags)
@@ -207,9 +235,10 @@ def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | 
         runs.reopen_run(run_id)
         if flow_run:
             tracking.get_client().set_tag(run_id, FLOW_RUN_TAG, flow_run)
-    runs.log_params(run_id, as_params(config))
-    run = StageRun(stage, key, prefix, run_id, config, device, amp, runs.MetricLogger(run_id),
-                   resume_from=latest_checkpoint(prefix))
+    runs.log_params(run_id, as_params(config), changeable=("runtime.",))
+    # Metrics are sent when the training loop says so: once the checkpoint that covers them is published.
+    run = StageRun(stage, key, prefix, run_id, config, device, amp, runs.MetricLogger(run_id, flush_every=None),
+                   resume_from=latest_checkpoint(prefix), code=code)
     try:
         yield run
         run.metrics.flush(strict=True)
@@ -224,11 +253,12 @@ def mlflow_run(stage: str, key: str, config: BaseModel, *, parent_run_id: str | 
 
 
 def _mark_failed(run: StageRun, exc: BaseException) -> None:
-    """Best effort: the stage's own error is what the caller must see, not a second one from tracking."""
+    """Best effort: the stage's own error is what the caller must see, not a second one from tracking. Metrics not
+    sent yet stay unsent: those of steps after the last checkpoint will be logged again by the resumed run, and the
+    others are in that checkpoint, to be resent (tasks/runtime/loop.py)."""
     try:
-        run.metrics.flush()
         tracking.get_client().set_tag(run.run_id, "error", redact(f"{type(exc).__name__}: {exc}")[:4000])
-        runs.end_run(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        runs.end_run(run.run_id, "KILLED" if signals.is_stop(exc) else "FAILED")
     except Exception:
         pass
 
@@ -311,7 +341,7 @@ def cached_result(stage: str, key: str, steps: int, model_name: str | None) -> S
     manifest = read_manifest(ref.uri)
     return StageResult(stage=stage, checkpoint_uri=ref.uri, digest=ref.digest, mlflow_run_id=run_id,
                        model_name=model_name, model_version=version, cached=True, run_key=key,
-                       metrics=manifest.get("metrics", {}))
+                       metrics=manifest.get("metrics", {}), code=(manifest.get("code") or {}).get("fingerprint"))
 
 
 def _finished_run(stage: str, key: str) -> str | None:
@@ -322,3 +352,26 @@ def _finished_run(stage: str, key: str) -> str | None:
                       "attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return found[0].info.run_id if found else None
+
+
+def _result_of_other_code(stage: str, data_key: str, steps: int, model_name: str) -> StageResult | None:
+    """The newest finished run of this config and these inputs in this store, made by any code: what
+    `runtime.reuse_across_code` reuses. The reuse is logged, and tagged on that run."""
+    found = tracking.get_client().search_runs(
+        [tracking.experiment_id()],
+        filter_string=f"tags.`{DATA_KEY_TAG}` = '{data_key}' and tags.`{STAGE_TAG}` = '{stage}' and "
+                      "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=20)
+    here = redact_uri(join_uri(store_root(), stage)) + "/"
+    for run in found:
+        key = run.data.tags.get(RUN_KEY_TAG, "")
+        if not run.data.tags.get("checkpoint_prefix", "").startswith(here):
+            continue  # another store's run: its checkpoints are not ours to name
+        hit = cached_result(stage, key, steps, model_name)
+        if hit is not None:
+            code = stage_code(stage)
+            log.warning("stage %s: reusing run %s, made by code %s, for this code (%s), as runtime.reuse_across_code "
+                        "asks", stage, hit.mlflow_run_id, hit.code or "of an unknown version", code)
+            tracking.get_client().set_tag(hit.mlflow_run_id, REUSED_TAG, code)
+            return hit
+    return None

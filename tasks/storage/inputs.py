@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
 
 import fsspec
 import torch
@@ -210,3 +212,32 @@ def feedback_prompts(reward: ModelInput, split: str) -> list[str] | None:
                          f"{'missing' if data is None else 'not the ones it recorded'}: rerun the reward stage, or "
                          "pass a prompts file")
     return read_prompts(record["uri"])
+
+
+@dataclass
+class Upstream:
+    """What a stage's files are checked against: the context length and tokenizer of the model it builds on, and the
+    text sample of the corpus that model was pretrained on (prompts are cut from it, the built-in rater learns its
+    words there). Of a checkpoint that exists (`Upstream.of`), or of the model a pipeline is about to pretrain (its
+    corpus scanned and its tokenizer made as pretraining will), so that its later stages' files are checked before the
+    first compute. The sample and tokenizer are made only when asked for."""
+
+    context: int
+    plan: Callable[[], tuple[str, str, Tokenizer]]  # () -> (corpus sample, corpus digest, tokenizer)
+
+    @cached_property
+    def _planned(self) -> tuple[str, str, Tokenizer]:
+        return self.plan()
+
+    @property
+    def corpus(self) -> tuple[str, str]:
+        """(the corpus sample, the corpus digest)."""
+        return self._planned[0], self._planned[1]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._planned[2]
+
+    @classmethod
+    def of(cls, model: ModelInput) -> "Upstream":
+        return cls(model.palm_config["max_seq_len"], lambda: (*corpus_sample(model), model.tokenizer))

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.outage import Unavailable, is_outage
 from tasks.redact import has_credentials, redact, redact_uri
 
 
@@ -24,8 +25,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint (or a file beside one) is missing, torn, corrupt, unreachable, or cannot be written as asked."""
 
 
-class StorageError(CheckpointError):
-    """The store could not be read or written (network, outage, permissions): unlike damage, a retry may help."""
+class StorageError(CheckpointError, Unavailable):
+    """The store did not answer (network, outage, a server error): unlike damage, a retry may help."""
 
 
 def store_root() -> str:
@@ -80,14 +81,16 @@ def fail(uri: str, problem: str, cls: type[CheckpointError] = CheckpointError) -
 
 @contextlib.contextmanager
 def io_errors(uri: str, action: str) -> Iterator[None]:
-    """Turn storage errors into one CheckpointError naming the URI and the cause class, scrubbed."""
+    """Turn storage errors into one CheckpointError naming the URI and the cause class, scrubbed: a StorageError
+    (retried) when the store did not answer, a plain CheckpointError when it refused (denied, an invalid request)."""
     try:
         yield
     except CheckpointError:
         raise
     except Exception as err:  # s3fs/botocore raise many unrelated classes; the cause class is kept in the text
         # `from None`: a chained traceback would print the unscrubbed original message.
-        raise fail(uri, f"cannot {action} ({type(err).__name__}: {redact(str(err))})", StorageError) from None
+        cls = StorageError if is_outage(err) else CheckpointError
+        raise fail(uri, f"cannot {action} ({type(err).__name__}: {redact(str(err))})", cls) from None
 
 
 def create_exclusive(fs, path: str, body: bytes) -> bool:
@@ -118,6 +121,18 @@ def create_file(uri: str, body: bytes) -> bool:
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return create_exclusive(fs, path, body)
+
+
+def check_store() -> None:
+    """That the store answers, before a stage spends compute on data it could not keep: its root is listed."""
+    root = store_root()
+    fs, path = filesystem(normalize(root))
+    with io_errors(root, "reach the store"):
+        fs.invalidate_cache(path)
+        try:
+            fs.ls(path, detail=False)
+        except FileNotFoundError:  # a store not written to yet
+            pass
 
 
 def read_file(uri: str) -> bytes | None:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.outage import Unavailable
 from tasks.redact import has_credentials, redact, redact_uri
 
 
@@ -28,7 +29,7 @@ class TrackingError(RuntimeError):
     """The tracking server or registry cannot do what the pipeline asked."""
 
 
-class TrackingUnavailable(TrackingError):
+class TrackingUnavailable(TrackingError, Unavailable):
     """The tracking server does not answer: worth retrying later, unlike other tracking errors."""
 
 

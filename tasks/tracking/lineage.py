@@ -3,7 +3,8 @@
 ``register_checkpoint`` tags every version with its parents (``parent.pretrained ->
 palm-pretrained/3``) and the digests of the data it saw (``data.corpus -> sha256:...``).
 ``lineage`` follows those tags; ``format_lineage`` prints the tree that
-``palm-rlhf lineage models:/palm-policy@candidate`` shows.
+``palm-rlhf lineage models:/palm-policy@candidate`` shows, with the fingerprint of the
+code that made each model (``palm_rlhf.code``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 
 from tasks.tracking.registry import resolve_model_uri
 
+CODE_TAG = "palm_rlhf.code"  # the code fingerprint of the stage that made a version (tasks/runtime/fingerprint.py)
 _VERSION_REF = re.compile(r"^[^/:@]+/\d+$")  # "palm-pretrained/3", as register_checkpoint writes
 
 
@@ -34,6 +36,7 @@ def _node(uri: str) -> dict:
         "run_id": info["run_id"],
         "checkpoint_uri": info["checkpoint_uri"],
         "digest": info["digest"],
+        "code": tags.get(CODE_TAG),
         "data": {k[len("data."):]: v for k, v in sorted(tags.items()) if k.startswith("data.")},
         "parents": {k[len("parent."):]: v for k, v in sorted(tags.items()) if k.startswith("parent.")},
     }
@@ -42,7 +45,7 @@ def _node(uri: str) -> dict:
 def lineage(uri: str) -> list[dict]:
     """Every model behind ``uri``, the model itself first, each listed once.
 
-    A node: name, version, aliases, run_id, checkpoint_uri, digest, data (name -> digest)
+    A node: name, version, aliases, run_id, checkpoint_uri, digest, code, data (name -> digest)
     and parents (role -> "name/version"). A parent that was never registered (a stage
     fed a raw checkpoint URI) is a node with name None, keyed by its checkpoint URI.
     """
@@ -78,6 +81,7 @@ def format_lineage(nodes: list[dict]) -> str:
         lines.append(lead + _headline(node))
         if node["name"] is not None:
             lines.append(f"{child_lead}  checkpoint {node['checkpoint_uri']}  {node['digest'] or ''}".rstrip())
+            lines.append(f"{child_lead}  code {node.get('code') or 'not recorded'}")
         for name, digest in node["data"].items():
             lines.append(f"{child_lead}  data {name} {digest}")
         refs = list(node["parents"].items())

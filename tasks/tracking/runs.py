@@ -5,6 +5,7 @@ A stage run is nested under its pipeline's run with the tag ``mlflow.parentRunId
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -65,12 +66,19 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def log_params(run_id: str, params: dict) -> None:
-    """Flattened ``a.b.c`` params; logging the same values again (a resume) is a no-op."""
+def log_params(run_id: str, params: dict, changeable: tuple[str, ...] = ()) -> None:
+    """Flattened ``a.b.c`` params; logging the same values again (a resume) is a no-op.
+
+    A param under a ``changeable`` prefix (where the run happens, not what it computes) may differ on a resume: the
+    first value stays the param (MLflow params never change) and the new one is tagged ``resumed_with.<name>``.
+    """
     client = get_client()
     wanted = {k: clean(v)[:_MAX_PARAM_LEN] for k, v in _flatten(params).items()}
     logged = client.get_run(run_id).data.params
     changed = [k for k, v in wanted.items() if k in logged and logged[k] != v]
+    for key in [k for k in changed if k.startswith(changeable)] if changeable else []:
+        client.set_tag(run_id, f"resumed_with.{key}", wanted[key])
+        changed.remove(key)
     if changed:
         key = changed[0]
         raise TrackingError(
@@ -83,8 +91,15 @@ def log_params(run_id: str, params: dict) -> None:
 
 
 class MetricLogger:
-    """Per-step metrics, sent every ``flush_every`` calls to ``log``, with the whole
-    history kept for plots. Call ``flush`` (or use it as a context manager) at the end.
+    """Per-step metrics, sent every ``flush_every`` calls to ``log`` (``None``: only when ``flush`` is
+    called), with the whole history kept for plots. Call ``flush`` (or use it as a context manager) at
+    the end.
+
+    ``unsent()`` lists what MLflow has not acknowledged yet, each metric with the timestamp it was
+    logged at, and ``resend`` queues such a list again: MLflow keeps one copy of a metric whose key,
+    value, timestamp and step are all the same, so sending one twice is harmless. A training loop
+    keeps the unsent metrics in the checkpoint that covers their steps and resends them on resume
+    (tasks/runtime/loop.py): every step lands exactly once, however the run was cut off.
 
     A flush that fails keeps its metrics for the next one instead of raising: training
     loops flush right before they checkpoint, and a tracking server that went away must
@@ -93,9 +108,9 @@ class MetricLogger:
     ``TrackingUnavailable`` when metrics are still unsent.
     """
 
-    def __init__(self, run_id: str, flush_every: int = 50):
+    def __init__(self, run_id: str, flush_every: int | None = 50):
         self.run_id = run_id
-        self.flush_every = max(1, flush_every)
+        self.flush_every = None if flush_every is None else max(1, flush_every)
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._pending: list[Metric] = []
         self._calls = 0
@@ -110,9 +125,22 @@ class MetricLogger:
                 self.history.setdefault(key, []).append((step, value))
                 self._pending.append(Metric(key, value, now, step))
             self._calls += 1
-            due = self._calls % self.flush_every == 0
+            due = self.flush_every is not None and self._calls % self.flush_every == 0
         if due:
             self.flush()
+
+    def unsent(self) -> list[list]:
+        """[key, value, timestamp in ms, step] of every metric not yet acknowledged, in order; a NaN or
+        infinite value as its name ("nan", "inf", "-inf"), so the list is plain JSON."""
+        with self._lock:
+            return [[m.key, m.value if math.isfinite(m.value) else str(m.value), m.timestamp, m.step]
+                    for m in self._pending]
+
+    def resend(self, records: list[list]) -> None:
+        """Queue metrics listed by ``unsent`` (of this run, perhaps already sent) ahead of anything newer."""
+        metrics = [Metric(key, float(value), int(timestamp), int(step)) for key, value, timestamp, step in records]
+        with self._lock:
+            self._pending[:0] = metrics
 
     def flush(self, strict: bool = False) -> None:
         with self._lock:

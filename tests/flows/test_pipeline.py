@@ -143,6 +143,28 @@ def test_ppo_only_change_reuses_pretraining_and_reward_model(first_run, home, lo
     assert local_tracking.get_run(second["ppo"]["mlflow_run_id"]).data.params["kl_coef"] == "0.2"
 
 
+# The tiny run is too small for the built-in rater (its answers all get 1 star) and its LoRA policy too weak to move
+# in four PPO steps. This run rates letters instead, fits the reward model longer, and fine-tunes the whole policy.
+LEARNABLE = ["reward.labeler=tests.flows.raters:Letters", "eval.labeler=tests.flows.raters:Letters",
+             "reward.steps=40", "reward.num_prompts=32", "reward.samples_per_prompt=4",
+             "ppo.steps=30", "ppo.actor_lora=false", "ppo.ppo_epochs=4", "ppo.actor_lr=0.01", "ppo.kl_coef=0.01"]
+
+
+def test_ppo_moves_the_policy_toward_what_the_rater_prefers(home, tmp_path):
+    root, env = home
+    env = {**env, "PALM_RLHF_HOME": str(tmp_path / "home")}  # its own registry: champions elsewhere stay put
+    done = cli(["run", "--preset", "tiny", *(a for s in LEARNABLE for a in ("--set", s)),
+                "--summary", str(tmp_path / "summary.json")], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "summary.json").read_text())["eval"]["metrics"]
+    # the oracle (the rater itself, on held-out prompts) sees the policy's answers improve by half a star or more
+    assert evaluation["oracle_mean.ppo"] > evaluation["oracle_mean.pretrained"] + 0.5, evaluation
+    # ... because PPO raised the reward model's score, which is what it optimises, paying KL for it
+    assert evaluation["reward_mean.ppo"] > evaluation["reward_mean.pretrained"]
+    assert evaluation["kl_per_token.ppo"] > 0.1, evaluation["kl_per_token.ppo"]
+    assert evaluation["promoted"] == 1.0
+
+
 def test_stage_rerun_from_registry_uris(first_run, home, local_tracking):
     root, env = home
     done = cli(["stage", "ppo", "--pretrained", "models:/palm-pretrained@champion",

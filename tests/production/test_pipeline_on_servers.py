@@ -149,11 +149,14 @@ def test_no_credential_reaches_output_runs_or_artifacts(first_run, runs, product
 
     summary, output = first_run
     client, folder = tracking.get_client(), str(production.tmp / "artifacts")
-    texts = [output]
+    texts, scanned = [output], set()
     for run in runs.values():
         texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
-        texts += [Path(client.download_artifacts(run.info.run_id, info.path, folder)).read_text()
-                  for info in run_artifacts(client, run.info.run_id) if info.path.endswith((".json", ".csv", ".txt"))]
+        for info in run_artifacts(client, run.info.run_id):  # every artifact, whatever its kind (.md, .json, .png)
+            data = Path(client.download_artifacts(run.info.run_id, info.path, folder)).read_bytes()
+            texts.append(data.decode("utf-8", errors="replace"))
+            scanned.add(Path(info.path).suffix)
+    assert {".md", ".json", ".png"} <= scanned, scanned
     texts += [json.dumps(client.get_model_version(name, summary[stage]["model_version"]).tags)
               for stage, name in MODELS.items()]
     flow_runs = [run.data.tags["prefect.flow_run_id"] for run in runs.values()]

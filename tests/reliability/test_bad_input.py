@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
@@ -50,10 +51,17 @@ def write_inputs(root: Path, ws) -> dict[str, str]:
     }
     for name, frame in tables.items():
         frame.to_csv(root / f"{name}.csv", index=False)
+    (root / "word_rating.csv").write_text("prompt,response,rating\np1,an answer,four\np2,another,3\n")
+    (root / "empty_table.csv").write_text("")
+    (root / "binary.csv").write_bytes(bytes(range(256)) * 8)
+    (root / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
+    (root / "no_prompt_column.csv").write_text("question\nWhat is a list?\n")
+    tables.update({name: None for name in ("word_rating", "empty_table", "binary", "no_prompt_column")})
 
     paths = {name: str(root / f"{name}.txt") for name in files}
     paths.update({name: str(root / f"{name}.csv") for name in tables})
     paths["long_prompt"], paths["parquet"] = str(root / "long_prompt.txt"), str(root / "corpus.parquet")
+    paths["binary_txt"] = str(root / "binary.txt")
 
     # A checkpoint whose manifest describes another architecture than its weights hold.
     folder = copy_checkpoint(ws.pretrained.checkpoint_uri, root / "edited" / "step-00000002")
@@ -99,7 +107,7 @@ def cli(inputs, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, f"flows.{name}", None)
         monkeypatch.delattr(flows, name, raising=False)
 
-    def run(args: list[str], env: dict | None = None) -> str:
+    def run(args: list[str], env: dict | None = None, expect: int = 2) -> str:
         before = footprint(ws.home)
         with monkeypatch.context() as mp:
             for key, value in (env or {}).items():
@@ -110,7 +118,7 @@ def cli(inputs, monkeypatch, capsys):
                 code = stop.code
         err = capsys.readouterr().err
         line = stderr_line(err)
-        assert code == 2, err
+        assert code == expect, err
         assert line.startswith("palm-rlhf: error: ")
         assert footprint(ws.home) == before, "bad input must leave no file, run or model version behind"
         return line
@@ -154,7 +162,7 @@ CASES = {
     "corpus that does not exist": (lambda p: sets("pretrain", "pretrain.corpus=/no/such/corpus.txt"),
                                    r"no file matches /no/such/corpus.txt"),
     "corpus too small for a window": (lambda p: sets("pretrain", f"pretrain.corpus={p['small']}"),
-                                      r"too few for training and validation windows"),
+                                      r"small.txt has \d+ characters, fewer than the \d+ required"),
     "corpus without its text column": (lambda p: sets("pretrain", f"pretrain.corpus={p['parquet']}"),
                                        r"corpus.parquet has no column 'text'; columns present: \['body'\]"),
     "credentials inside a URI": (lambda p: sets("pretrain", f"pretrain.corpus=s3://AKIAEXAMPLE:{SECRET}@b/c.txt"),
@@ -166,12 +174,14 @@ CASES = {
                                                   "--pretrained", p["pretrained"]),
                                    r"column 'rating' is NaN, empty or not a number in 1 row \(first: row 1\)"),
     "feedback rating out of range": (lambda p: sets("reward", f"reward.feedback={p['out_of_range']}",
+                                                    "--set", "reward.rating_scale=[1,5]",
                                                     "--pretrained", p["pretrained"]),
-                                     r"column 'rating' is outside \[1.0, 5.0\] in 1 row \(first: row 1\)"),
+                                     r"column 'rating' is outside \[1, 5\] in 1 row \(first: row 1\)"),
     "pairs where chosen equals rejected": (lambda p: sets("reward", f"reward.feedback={p['same_pair']}",
                                                           "--pretrained", p["pretrained"]),
                                            r"chosen == rejected, which states no preference, in 1 row"),
     "feedback too small to split": (lambda p: sets("reward", f"reward.feedback={p['too_small']}",
+                                                   "--set", "reward.rating_scale=[1,5]",
                                                    "--pretrained", p["pretrained"]),
                                     r"too_small.csv has 1 rows: too few to split"),
     "prompt longer than the context": (lambda p: sets("ppo", f"ppo.prompts={p['long_prompt']}", "--pretrained",
@@ -213,8 +223,46 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(case, cli, inputs):
     assert SECRET not in line
 
 
+def run(*settings: str) -> list[str]:
+    return ["run", "--preset", "tiny", *(arg for setting in settings for arg in ("--set", setting))]
+
+
+# A file that only a later stage reads, given to the whole pipeline: refused before pretraining starts.
+LATE_FILES = {
+    "feedback with a rating that is a word": (lambda p: run(f"reward.feedback={p['word_rating']}"),
+                                              r"column 'rating' is NaN, empty or not a number in 1 row \(first: row 0\)"),
+    "an empty feedback file": (lambda p: run(f"reward.feedback={p['empty_table']}"),
+                               r"cannot read .*empty_table.csv: No columns to parse from file"),
+    "a binary feedback file": (lambda p: run(f"reward.feedback={p['binary']}"), r"cannot read .*binary.csv: "),
+    "feedback without its columns": (lambda p: run(f"reward.feedback={p['missing_columns']}"),
+                                     r"missing_columns.csv matches neither accepted shape"),
+    "a binary prompts file": (lambda p: run(f"ppo.prompts={p['binary_txt']}"),
+                              r"binary.txt is not UTF-8 text \(byte 0\)"),
+    "an empty prompts table": (lambda p: run(f"ppo.prompts={p['empty_table']}"),
+                               r"cannot read .*empty_table.csv: No columns"),
+    "prompts without a prompt column": (lambda p: run(f"eval.prompts={p['no_prompt_column']}"),
+                                        r"no_prompt_column.csv has no column 'prompt'; columns present: "
+                                        r"\['question'\]"),
+    "evaluation prompts too long for the model to be pretrained": (
+        lambda p: run(f"eval.prompts={p['long_prompt']}"),
+        r"eval.prompts: prompt 0 has 280 tokens; with 12 new tokens that exceeds the model context of 96 tokens"),
+    "a rater that cannot be imported": (lambda p: run("eval.labeler=no_such_module:Rater"),
+                                        r"labeler 'no_such_module:Rater': cannot import module 'no_such_module'"),
+}
+
+
+@pytest.mark.parametrize("case", LATE_FILES)
+def test_a_bad_file_for_a_later_stage_fails_the_pipeline_before_pretraining(case, cli, inputs):
+    args, expected = LATE_FILES[case]
+    began = time.monotonic()
+    line = cli(args(inputs[1]))  # exit code 2, one line, nothing written (the harness checks)
+    assert re.search(expected, line), line
+    assert time.monotonic() - began < 30, "the checks take seconds, not a pretraining"
+
+
 def test_an_unreachable_tracking_server_is_named_before_any_work(cli, inputs):
-    line = cli(stage("pretrain"), env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    """Not bad input but an outage (exit code 1), named at once before any work."""
+    line = cli(stage("pretrain"), env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, expect=1)
     assert "MLflow tracking at http://127.0.0.1:9 is unreachable (connection refused)" in line
 
 

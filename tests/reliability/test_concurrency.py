@@ -3,7 +3,11 @@
 One rerun is the pipeline's own pretraining stage (same config, same inputs: the same run key), the other a
 different seed. Whoever holds a run key's lease trains it; the identical rerun waits and reuses that result, so there
 is one set of checkpoints, one MLflow run and one model version for the run key. The different run keeps its own.
-`candidate` ends on the newest version, and `champion` moves only if the pipeline's evaluation says its policy won.
+`candidate` ends on the newest version, and `champion` moves only if the pipeline's evaluation says its policy won,
+which it says exactly when the policy's mean reward beats the champion's.
+
+So that the wait is certain rather than a matter of timing, the test holds the run key's lease itself until both
+identical runs are seen waiting on it; then the one that gets it next trains, and the other waits on that one.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
             here.setenv(key, value)
         s3fs.S3FileSystem.clear_instance_cache()
         champions_before = {name: get_alias(name, CHAMPION) for name in MODELS.values()}
+        held = RunLease(pretrain_prefix(), "pretrain").__enter__()  # the test's own hold on the identical run key
         commands = {
             "pipeline": ["run", *ARGS],
             "same": ["stage", "pretrain", *ARGS],
@@ -58,6 +63,10 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
                                            str(root / f"{name}.json")], env=env, cwd=root, text=True,
                                           stdout=subprocess.DEVNULL, stderr=open(root / f"{name}.log", "w"))
                    for name, args in commands.items()}
+        try:
+            wait_for_waiters(root, started)
+        finally:
+            held.__exit__(None, None, None)
         for name, process in started.items():
             code = process.wait(timeout=500)
             assert code == 0, f"{name} exited with {code}:\n{(root / f'{name}.log').read_text()[-3000:]}"
@@ -67,6 +76,26 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def pretrain_prefix() -> str:
+    """Where the pipeline's pretraining (and the identical rerun) keep their checkpoints and lease."""
+    from tasks.config import apply_overrides, tiny
+    from tasks.pretrain import load_corpus
+    from tasks.runtime.stage import run_key, stage_prefix
+
+    config = apply_overrides(tiny(), SETTINGS).pretrain
+    return stage_prefix("pretrain", run_key("pretrain", config, {"corpus": load_corpus(config).digest}))
+
+
+def wait_for_waiters(root: Path, started: dict) -> None:
+    deadline = time.monotonic() + 300
+    while not all("waiting for it to finish" in (root / f"{name}.log").read_text() for name in ("pipeline", "same")):
+        gone = [name for name, process in started.items() if name != "other" and process.poll() is not None]
+        if gone or time.monotonic() > deadline:
+            pytest.fail(f"{gone or 'both'} did not wait on the held lease:\n" +
+                        "\n".join((root / f"{name}.log").read_text()[-2000:] for name in ("pipeline", "same")))
+        time.sleep(0.5)
+
+
 @pytest.mark.servers
 def test_the_identical_rerun_waited_and_reused_the_pipelines_stage(race):
     results, logs, _, _ = race
@@ -74,10 +103,10 @@ def test_the_identical_rerun_waited_and_reused_the_pipelines_stage(race):
     for field in ("checkpoint_uri", "digest", "model_version", "mlflow_run_id"):
         assert pipeline[field] == same[field], field
     assert sorted([pipeline["cached"], same["cached"]]) == [False, True], "exactly one of them trained"
-    waited = [name for name in ("pipeline", "same") if "waiting for it to finish" in logs[name]]
-    # Usually the two overlap and one finds the other holding the run key and waits; on a quiet machine the first
-    # may finish before the second starts, which then reuses it as a cache hit. Never both wait, never both train.
-    assert len(waited) <= 1, "both waited for each other"
+    # Both waited on the test's hold; after it, the one that did not train waited for the one that did (or found its
+    # result the moment it got the lease) and reused it.
+    assert all("waiting for it to finish" in logs[name] for name in ("pipeline", "same"))
+    assert "waiting for it to finish" not in logs["other"], "another run key never waits"
 
     client = tracking.get_client()
     key = client.get_model_version("palm-pretrained", pipeline["model_version"]).tags[RUN_KEY_TAG]
@@ -109,7 +138,12 @@ def test_candidate_is_the_newest_and_champion_moves_only_on_an_eval_win(race):
     pipeline, other = results["pipeline"], results["other"]["pretrain"]
     newest = max(int(pipeline["pretrain"]["model_version"]), int(other["model_version"]))
     assert get_alias("palm-pretrained", CANDIDATE) == str(newest)
-    won = pipeline["eval"]["metrics"]["promoted"] == 1.0
+    metrics = pipeline["eval"]["metrics"]
+    won = metrics["promoted"] == 1.0
+    if champions_before["palm-policy"] is None:  # nothing to beat: the first policy wins
+        assert won and "reward_mean.champion" not in metrics
+    else:  # the decision: the policy's mean reward against the champion's, on the same prompts and reward model
+        assert won == (metrics["reward_mean.ppo"] > metrics["reward_mean.champion"]), metrics
     for stage, name in MODELS.items():
         expected = pipeline[stage]["model_version"] if won else champions_before[name]
         assert get_alias(name, CHAMPION) == expected, name

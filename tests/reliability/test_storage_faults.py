@@ -180,7 +180,7 @@ def test_store_down_at_start_fails_before_tracking_or_compute(down_store, s3_ser
 
     proxy, store = down_store
     proxy.outage()
-    with pytest.raises(CheckpointError, match=r"pretrain/[0-9a-f]+: cannot list checkpoints \(OSError: \[Errno 16\]"):
+    with pytest.raises(CheckpointError, match=r"checkpoint s3://\S+: cannot reach the store \(OSError: \[Errno 16\]"):
         run_pretrain(fast_pretrain_config())
     assert stage_runs(store) == []
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)

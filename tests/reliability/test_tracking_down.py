@@ -141,7 +141,7 @@ def test_mlflow_lost_mid_stage_keeps_training_and_a_rerun_completes_the_run(own_
 def test_unreachable_tracking_fails_at_start_with_one_line(unreachable_runs, name):
     process, uri, root = unreachable_runs[name]
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 2, stderr[-3000:]
+    assert process.returncode == 1, stderr[-3000:]  # an outage, not bad input
     assert stderr.strip().splitlines() == [f"palm-rlhf: error: MLflow tracking at {uri} is unreachable (connection "
                                            "refused); start the server or fix MLFLOW_TRACKING_URI"]
     assert not (root / "store").exists(), "nothing may be computed or written before tracking answers"

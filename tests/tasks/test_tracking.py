@@ -128,6 +128,26 @@ def test_metric_logger_sends_batches_and_keeps_history(run_id):
     assert logger.history["lr"] == [(s, 0.1) for s in range(5)]
 
 
+def test_unsent_metrics_resent_after_they_arrived_are_kept_once(run_id):
+    """What a resumed stage does with the list its checkpoint kept: some of it reached MLflow before the kill."""
+    logger = MetricLogger(run_id, flush_every=None)
+    for step in (1, 2):
+        logger.log(step, loss=1.0 / step, accuracy=float("nan"), kl=float("inf"))
+    kept = json.loads(json.dumps(logger.unsent(), allow_nan=False))  # as a manifest holds it: plain JSON
+    assert len(kept) == 6 and [m[3] for m in kept] == [1, 1, 1, 2, 2, 2]
+    logger.flush()
+    assert logger.unsent() == []
+
+    resumed = MetricLogger(run_id, flush_every=None)
+    resumed.resend(kept)
+    resumed.log(3, loss=1 / 3, accuracy=0.5, kl=0.1)
+    resumed.flush()
+    client = tracking.get_client()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "kl")] == [1, 2, 3]  # inf is stored as the largest float
+
+
 def test_datasets_are_run_inputs_with_digest_and_redacted_source(run_id, monkeypatch):
     digest = "sha256:" + "ab" * 32
     frame = pd.DataFrame({"prompt": ["hi", "yo"], "chosen": [0, 1], "score": [0.5, 1.5]})
