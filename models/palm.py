@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from models.cache import KVCache
 from models.config import Positive, PositiveFloat, check_bounds
-from models.sampling import Generation, sample_token
+from models.decode import Decoder
+from models.sampling import Generation, check_filters, sample_token
 
 
 @dataclass(frozen=True)
@@ -225,39 +226,62 @@ class PaLM(nn.Module):
     # ---- generation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompt: Tensor, prompt_mask: Tensor | None, max_new_tokens: int, *, temperature: float = 1.0,
-               filter_thres: float = 0.9, eos_token: int | None = None, pad_value: int = 0,
-               finetune_scope: str | None = None, generator: torch.Generator | None = None,
+               filter_thres: float | None = None, top_k: int | None = None, eos_token: int | None = None,
+               pad_value: int = 0, finetune_scope: str | None = None, generator: torch.Generator | None = None,
                use_cache: bool = True) -> Generation:
-        """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it."""
+        """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it.
+
+        filter_thres keeps the top (1 - filter_thres) of the vocabulary (default 0.9, as the reference); top_k keeps
+        the k largest logits instead (filter_thres then defaults to 0, and giving both is an error).
+        """
         b, P = prompt.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if P + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the context of "
                              f"{self.config.max_seq_len} tokens")
+        filter_thres = check_filters(filter_thres, top_k)
         mask = prompt_mask.bool() if prompt_mask is not None else torch.ones_like(prompt, dtype=torch.bool)
         padded = not bool(mask.all())
+        if not use_cache:
+            return self._sample_without_cache(prompt, prompt_mask, mask, padded, max_new_tokens, temperature,
+                                              filter_thres, top_k, eos_token, pad_value, finetune_scope, generator)
+        decoder = Decoder(self, b, P + max_new_tokens, finetune_scope, prompt.device)
+        logits = decoder.prefill(prompt, mask if padded else None, max_new_tokens)
+        tokens, alive = [], []
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device) if eos_token is not None else None
+        for step in range(max_new_tokens):
+            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
+            if done is not None:
+                alive.append(~done)
+                token = torch.where(done, pad_value, token)
+                done = done | (token == eos_token)
+            tokens.append(token)
+            if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
+                break
+            logits = decoder.step(token)
+        new = torch.stack(tokens, dim=1)
+        new_mask = torch.stack(alive, dim=1) if alive else torch.ones_like(new, dtype=torch.bool)
+        return Generation(prompt=prompt, prompt_mask=prompt_mask if prompt_mask is not None else mask,
+                          tokens=new, mask=new_mask)
+
+    def _sample_without_cache(self, prompt, prompt_mask, mask, padded, max_new_tokens, temperature, filter_thres,
+                              top_k, eos_token, pad_value, finetune_scope, generator) -> Generation:
+        """The reference's way: a full forward pass over everything so far for every new token."""
+        b, P = prompt.shape
         tokens, done = prompt, torch.zeros(b, dtype=torch.bool, device=prompt.device)
         new_tokens, new_mask = [], []
-        cache = KVCache.empty(self, b, P + max_new_tokens, prompt.device) if use_cache else None
-        step_input, step_mask = prompt, mask
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(step_input, mask=step_mask if padded else None, finetune_scope=finetune_scope,
-                              cache=cache)[:, -1]
-            else:
-                logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
-            token = sample_token(logits, temperature, filter_thres, generator)
+            logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
+            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
             alive = ~done
             token = torch.where(alive, token, torch.full_like(token, pad_value))
             new_tokens.append(token)
             new_mask.append(alive)
-            if not use_cache:
-                tokens = torch.cat((tokens, token[:, None]), dim=-1)
+            tokens = torch.cat((tokens, token[:, None]), dim=-1)
             mask = torch.cat((mask, alive[:, None]), dim=-1)
             if eos_token is not None:
                 done = done | (token == eos_token)
-            step_input, step_mask = token[:, None], mask
             if bool(done.all()):
                 break
         return Generation(prompt=prompt, prompt_mask=prompt_mask if prompt_mask is not None else mask[:, :P],
@@ -265,9 +289,10 @@ class PaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, seq_len: int, prompt: Tensor | list[Tensor] | None = None, temperature: float = 1.0,
-                 filter_thres: float = 0.9, eos_token: int | None = None, pad_value: int = 0,
+                 filter_thres: float | None = None, eos_token: int | None = None, pad_value: int = 0,
                  prompt_mask: Tensor | None = None, finetune_scope: str | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 top_k: int | None = None) -> Tensor:
         """Sample until the sequence (prompt included) is seq_len long; returns only the new tokens.
 
         prompt: (n,), (b, n), or a list of 1-D prompts of different lengths (left-padded here). None starts from one
@@ -282,7 +307,7 @@ class PaLM(nn.Module):
         if seq_len <= prompt.shape[-1]:
             raise ValueError(f"seq_len ({seq_len}) must be longer than the prompt ({prompt.shape[-1]} tokens)")
         out = self.sample(prompt, prompt_mask, seq_len - prompt.shape[-1], temperature=temperature,
-                          filter_thres=filter_thres, eos_token=eos_token, pad_value=pad_value,
+                          filter_thres=filter_thres, top_k=top_k, eos_token=eos_token, pad_value=pad_value,
                           finetune_scope=finetune_scope, generator=generator, use_cache=use_cache)
         if start is not None:
             return torch.cat((start, out.tokens), dim=-1)
