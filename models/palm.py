@@ -96,7 +96,8 @@ class ParallelBlock(nn.Module):
         self.attn_out = nn.Linear(attn_inner, cfg.dim, bias=False)
         self.ff_out = nn.Linear(ff_inner, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache: KVCache | None, layer: int, lora: nn.ModuleDict | None):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache: KVCache | None, layer: int, lora: nn.ModuleDict | None,
+                dropout: float = 0.0):
         h = self.norm(x)
         q, k, v, ff = self.fused_proj(h).split(self.fused_dims, dim=-1)
         if lora is not None:
@@ -112,19 +113,22 @@ class ParallelBlock(nn.Module):
             # one new position (decoding): the heads become query rows against the single key/value head,
             # one small attention with no copies of k and v
             q = apply_rotary(q.view(b, 1, self.heads, self.dim_head), cos[:, None], sin[:, None])  # (b, 1, h, d)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).reshape(b, 1, -1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout).reshape(b, 1, -1)
         else:
             q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
             q = apply_rotary(q, cos[:, None], sin[:, None])
             k, v = (t.expand(-1, self.heads, -1, -1) for t in (k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
             out = rearrange(out, "b h n d -> b n (h d)")
 
         attn = self.attn_out(out)
         if lora is not None:
             attn = attn + lora["out"](out)
         value, gate = ff.chunk(2, dim=-1)
-        return x + attn + self.ff_out(F.silu(gate) * value)
+        hidden = F.silu(gate) * value
+        if dropout:
+            hidden = F.dropout(hidden, dropout)
+        return x + attn + self.ff_out(hidden)
 
 
 class PaLM(nn.Module):
@@ -166,8 +170,13 @@ class PaLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, return_loss: bool = False, mask: Tensor | None = None, finetune_scope: str | None = None,
                 return_only_embedding: bool = False, extra_embed: Tensor | None = None, cache: KVCache | None = None,
-                positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False):
+                positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False,
+                dropout: float = 0.0):
         """x: (b, n) token ids. mask: (b, n) True for real tokens (False = padding); with a cache it covers cache + x.
+
+        dropout: the rate on the attention weights and the feed-forward hidden units (the reference's attn_dropout
+        and ff_dropout, one rate for both as its set_dropout sets them). It applies to this call whatever the module's
+        train/eval mode, so a caller passes it only where it trains (ActorCritic does, in train mode only).
 
         return_loss: next-token cross-entropy over every position whose target is a real token (padding is the only
         thing left out: token id 0 is an ordinary token).
@@ -177,7 +186,7 @@ class PaLM(nn.Module):
             inputs, targets = x[:, :-1], x[:, 1:]
             in_mask = mask[:, :-1] if mask is not None else None
             logits = self(inputs, mask=in_mask, finetune_scope=finetune_scope, extra_embed=extra_embed,
-                          positions=positions[:, :-1] if positions is not None else None)
+                          positions=positions[:, :-1] if positions is not None else None, dropout=dropout)
             return lm_loss(logits, targets, mask[:, 1:] if mask is not None else None)
 
         causal = self.causal if causal is None else causal
@@ -193,7 +202,7 @@ class PaLM(nn.Module):
             h = h + extra_embed
         lora = self.finetune_modules[finetune_scope] if finetune_scope is not None else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_mask, is_causal, cache, i, lora[i] if lora is not None else None)
+            h = layer(h, cos, sin, attn_mask, is_causal, cache, i, lora[i] if lora is not None else None, dropout)
         if cache is not None:
             cache.advance(n)
         h = self.norm(h)
