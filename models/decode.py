@@ -99,9 +99,7 @@ class Decoder:
         # position (real prompt tokens of r) + t, as PaLM._positions counts them
         start = mask.sum(-1, keepdim=True) if mask is not None else torch.full((1, 1), P, device=prompt.device)
         positions = start + torch.arange(new_tokens, device=prompt.device)  # (1 or b, T)
-        cos, sin = self.palm.rotary(positions)  # (1 or b, T, d)
-        half = self.d // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half(x) * sin == roll(x) * this
+        cos, sin = self.palm.rotary(positions)  # (1 or b, T, d); sin with rotate-half's sign folded in
         self.cos, self.sin = (c.transpose(0, 1)[:, :, None].contiguous() for c in (cos, sin))  # (T, 1 or b, 1, d)
         if mask is not None:
             full = torch.ones(b, self.cache.keys.shape[2], dtype=torch.bool, device=prompt.device)

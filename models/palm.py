@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from models.cache import KVCache
@@ -71,16 +70,20 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        # positions (b, n) -> cos, sin (b, n, d)
-        freqs = positions.float()[..., None] * self.inv_freq
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        return freqs.cos(), freqs.sin()
+        """positions (b, n) -> cos, signed sin (b, n, d), for apply_rotary."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, d/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate the two halves of x's last dim (x1, x2) to (x1 cos - x2 sin, x2 cos + x1 sin).
+
+    rotate_half(x) = cat(-x2, x1) is a roll of x by d/2 with the sign folded into the sine table, one operator
+    instead of chunk, neg and cat (and the same floats: -(x2) sin == x2 (-sin) exactly).
+    """
+    out = x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # a bf16 x against the fp32 tables: round once
 
 
 class ParallelBlock(nn.Module):
@@ -99,27 +102,27 @@ class ParallelBlock(nn.Module):
     def forward(self, x, cos, sin, attn_mask, is_causal, cache: KVCache | None, layer: int, lora: nn.ModuleDict | None,
                 dropout: float = 0.0):
         h = self.norm(x)
-        q, k, v, ff = self.fused_proj(h).split(self.fused_dims, dim=-1)
+        b, n, _ = x.shape
+        heads, d = self.heads, self.dim_head
+        qkv, ff = self.fused_proj(h).split((sum(self.fused_dims[:3]), self.fused_dims[3]), dim=-1)
         if lora is not None:
-            dq, dk, dv = lora["qkv"](h).split(self.fused_dims[:3], dim=-1)
-            q, k, v = q + dq, k + dk, v + dv
-
-        b, n, _ = q.shape
-        k = apply_rotary(k, cos, sin)  # (b, n, d): one head for all queries
+            qkv = qkv + lora["qkv"](h)
+        qk, v = qkv.split(((heads + 1) * d, d), dim=-1)
+        # the q heads and the one k head sit side by side: one rotation for both
+        qk = apply_rotary(qk.view(b, n, heads + 1, d), cos[:, :, None], sin[:, :, None])  # (b, n, h + 1, d)
+        q, k = qk[:, :, :heads], qk[:, :, heads]  # (b, n, h, d), (b, n, d): one k/v head for all queries
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (b, N, d)
         k, v = k[:, None], v[:, None]  # (b, 1, N, d)
         if n == 1:
             # one new position (decoding): the heads become query rows against the single key/value head,
             # one small attention with no copies of k and v
-            q = apply_rotary(q.view(b, 1, self.heads, self.dim_head), cos[:, None], sin[:, None])  # (b, 1, h, d)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout).reshape(b, 1, -1)
         else:
-            q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-            q = apply_rotary(q, cos[:, None], sin[:, None])
-            k, v = (t.expand(-1, self.heads, -1, -1) for t in (k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
-            out = rearrange(out, "b h n d -> b n (h d)")
+            k, v = (t.expand(-1, heads, -1, -1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=dropout)  # (b, h, n, d)
+            out = out.transpose(1, 2).reshape(b, n, heads * d)
 
         attn = self.attn_out(out)
         if lora is not None:
@@ -337,7 +340,9 @@ class PaLM(nn.Module):
 
 def lm_loss(logits: Tensor, targets: Tensor, target_mask: Tensor | None) -> Tensor:
     """Mean next-token cross-entropy over targets that are real tokens."""
-    loss = F.cross_entropy(rearrange(logits, "b n c -> b c n").float(), targets, reduction="none")
+    # flat (b n, c) rows: the layout cross_entropy reads fastest (a (b, c, n) view makes it gather across rows)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    loss = loss.view_as(targets)
     if target_mask is None:
         return loss.mean()
     target_mask = target_mask.to(loss.dtype)
