@@ -46,7 +46,6 @@ class Decoder:
         self.palm, self.scope = palm, finetune_scope
         self.heads, self.d = cfg.heads, cfg.dim_head
         weight = palm.token_emb.weight
-        self.dtype = weight.dtype
         self.transposed = _transposed_weights(weight.device, weight.dtype)
         # merging a LoRA delta into bf16 weights would round most of it away: merge in fp32 only
         self.merge = finetune_scope is not None and weight.dtype == torch.float32
@@ -84,7 +83,7 @@ class Decoder:
         return layer
 
     def _mm(self, x: Tensor, w: Tensor) -> Tensor:
-        return x @ w if self.transposed else F.linear(x, w)
+        return torch.mm(x, w) if self.transposed else F.linear(x, w)
 
     def _add_mm(self, x: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """x + y W^T in one call."""
@@ -124,7 +123,7 @@ class Decoder:
                 proj.narrow(1, 0, self.qkv).add_(lora["qkv"](hn))
             qk, v, value, gate = proj.split(self.splits, dim=1)
             qk = qk.view(b, h + 1, d)  # the q heads and the one k head, rotated together
-            rotated = qk * cos + qk.roll(d // 2, -1) * sin
+            rotated = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
             if rotated.dtype != x.dtype:  # bf16 weights: rotate in fp32 and round once, as apply_rotary does
                 rotated = rotated.to(x.dtype)
             self.keys[i].select(1, pos).copy_(rotated.select(1, h))

@@ -67,7 +67,7 @@ def sample_token(logits: Tensor, temperature: float, filter_thres: float | None,
     if temperature <= 0:
         return logits.argmax(dim=-1)
     filtered = keep_top_k(logits.float(), top_k) if top_k else top_k_filter(logits.float(), filter_thres)
-    probs = torch.softmax(filtered / temperature, dim=-1)
+    probs = torch.softmax(filtered / temperature if temperature != 1 else filtered, dim=-1)
     # what torch.multinomial(probs, 1) computes, token for token on the same generator (its one-sample path races
     # exponential clocks: argmax p / q with q ~ Exp(1)), without its checks of the distribution, which cost more
     # operator calls than the draw itself at one token per step
