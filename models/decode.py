@@ -4,13 +4,14 @@ The general forward pass (palm.py) handles any number of positions, padding mask
 position per step and a small batch the arithmetic is a handful of matrix-vector products, and every extra operator
 call costs about as much as a small one of them, so this module runs the same maths for that case alone:
 
-- the weights are prepared once per generation call: a LoRA scope is merged into them in fp32 and, on a CPU in fp32,
-  the projections are kept transposed, (in, out), which this machine's BLAS reads about twice as fast at one row as
-  nn.Linear's (out, in) (benchmarks/RESULTS.md has the numbers; bf16 is the other way round and keeps (out, in));
+- the weights are prepared once per generation call: in fp32 a LoRA scope is merged into them and, on a CPU, the
+  projections are kept transposed, (in, out), which this machine's BLAS reads 1.4 to 2.4x faster at one row than
+  nn.Linear's (out, in) (benchmarks/RESULTS.md; bf16 is the other way round, 5x slower transposed, and keeps
+  (out, in)). Either holds one copy of the block weights for the duration of the call;
 - rotary cos/sin for every position of the call come from one `Rotary` call, and q and k are rotated together, with
   rotate-half written as a roll against a sign-folded sine;
-- the residual adds are fused into the output projections (`addmm`), and nothing is allocated for masks or outputs
-  per step.
+- the residual adds are fused into the output projections (`addmm`), and no mask or output tensor grows by
+  concatenation per step.
 
 Shapes: b batch, h heads, d head dim, N cached positions, V vocabulary.
 """
@@ -27,9 +28,10 @@ from models.cache import KVCache
 def _transposed_weights(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether projections run as x @ W_t with W_t (in, out) contiguous, rather than F.linear's (out, in).
 
-    Measured on this project's 2-core AMD EPYC (torch 2.13, MKL): at one row, fp32 (in, out) reads the 17.6 MB of
-    PaLM(256, dim 256, depth 4) weights in 0.6 to 0.9 ms against 1.3 to 1.9 ms for (out, in); bf16 (in, out) is 5x
-    slower than bf16 (out, in). GPUs and other dtypes keep the module's own layout (and no copy of it).
+    Measured on this project's 2-core AMD EPYC (torch 2.13, MKL), in three benchmark runs: at one row, fp32 (in, out)
+    reads the 17.6 MB of PaLM(256, dim 256, depth 4) weights in 0.69 to 1.46 ms against 1.59 to 2.10 ms for
+    (out, in); bf16 (in, out) takes 6 ms against 0.76 to 1.18 for (out, in). GPUs and other dtypes keep the module's
+    own layout.
     """
     return device.type == "cpu" and dtype == torch.float32
 
