@@ -29,6 +29,7 @@ import torch
 
 import models as ours
 import palm_rlhf_pytorch as ref
+from models.threads import intra_op_threads
 
 THREADS = 2
 SIZE = dict(num_tokens=256, dim=256, depth=4)
@@ -110,19 +111,47 @@ def training_case(kind: str, batch: int, seq: int, steps: int) -> Callable[[], f
 
 
 # ---- (b) generation ----------------------------------------------------------------------------------------------
-def generation_case(kind: str, batch: int, new_tokens: int = NEW_TOKENS) -> Callable[[], float]:
-    model = build(kind).eval()
+def generation_case(kind: str, batch: int, new_tokens: int = NEW_TOKENS, dtype: torch.dtype = torch.float32,
+                    threads: int | None = None) -> Callable[[], float]:
+    """One generate call, timed. dtype: the model's weights (`PaLM(...).to(dtype)`); threads: intra-op threads for
+    the call (None: the process's), through models.threads.intra_op_threads on either side."""
+    model = build(kind).eval().to(dtype)
     prompt = torch.randint(1, CONFIG["num_tokens"], (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
     seq_len = PROMPT_LEN + new_tokens
 
     def run() -> float:
         # both with their defaults: top-k filter_thres 0.9, temperature 1; ours uses its KV cache, the reference has none
-        start = time.perf_counter()
-        out = model.generate(seq_len, prompt=prompt)
-        elapsed = time.perf_counter() - start
+        with intra_op_threads(threads or torch.get_num_threads()):
+            start = time.perf_counter()
+            out = model.generate(seq_len, prompt=prompt)
+            elapsed = time.perf_counter() - start
         assert out.shape == (batch, new_tokens), out.shape
         return elapsed
     return run
+
+
+def weight_floor(dtype: torch.dtype, transposed: bool, threads: int, tokens: int = 64, repeats: int = 7) -> float:
+    """Seconds per token to read the model's weights once through torch's matrix-vector products and nothing else:
+    the 13 projections of one decoding step at one row (4 blocks x fused, attention out, feed-forward out, plus the
+    tied output projection), as F.linear's (out, in) weights or transposed (in, out), best of `repeats` runs."""
+    model = build("ours").to(dtype)
+    weights = [w for block in model.layers for w in (block.fused_proj.weight, block.attn_out.weight,
+                                                     block.ff_out.weight)] + [model.token_emb.weight]
+    if transposed:
+        weights = [w.t().contiguous() for w in weights]
+        rows = [torch.randn(1, w.shape[0], dtype=dtype) for w in weights]
+        step = lambda: [x @ w for x, w in zip(rows, weights)]  # noqa: E731
+    else:
+        rows = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
+        step = lambda: [torch.nn.functional.linear(x, w) for x, w in zip(rows, weights)]  # noqa: E731
+    best = float("inf")
+    with intra_op_threads(threads), torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for _ in range(tokens):
+                step()
+            best = min(best, (time.perf_counter() - start) / tokens)
+    return best
 
 
 # ---- (c) PPO -----------------------------------------------------------------------------------------------------
@@ -256,33 +285,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 matmul peak (2048^3, best of 8): {peak / 1e9:.1f} GFLOP/s")
     rows, ours_runs = [], {}
 
-    def measure(key, label, cases, units, target, warmup=True):
+    def measure(key, label, cases, units, target, warmup=True, extra=None):
+        """Alternate the cases; one table row of ours against the reference, plus one per `extra` case of ours
+        (name -> (label, target)) against the same reference runs."""
         times = alternate(cases, args.repeats, warmup)
-        rows.append(dict(key=key, label=label, times=times, units=units, target=target,
-                         rate={k: units / median(v) for k, v in times.items()}))
-        ours_runs[key] = cases["ours"]
-        print(f"{key}: seconds per run, ours {[round(x, 2) for x in times['ours']]}, "
-              f"reference {[round(x, 2) for x in times['ref']]}")
+        for name, (row_key, row_label, row_target) in {"ours": (key, label, target), **{
+                k: (f"{key} {k[5:]}", lab, tgt) for k, (lab, tgt) in (extra or {}).items()}}.items():
+            pair = {"ours": times[name], "ref": times["ref"]}
+            rows.append(dict(key=row_key, label=row_label, times=pair, units=units, target=row_target,
+                             rate={k: units / median(v) for k, v in pair.items()}))
+            ours_runs[row_key] = cases[name]
+        print(f"{key}: seconds per run, " + ", ".join(f"{k} {[round(x, 3) for x in v]}" for k, v in times.items()))
 
     # (a) training: tokens are batch x positions predicted, per timed run of train_steps steps
     batch, seq = 4, 256
     measure("training", "training tokens/s (4 x 256, fwd+bwd+AdamW)",
             {k: training_case(k, batch, seq, args.train_steps) for k in ("ours", "ref")},
             args.train_steps * batch * seq, 1.0)
-    # (b) generation; the batch-16 reference run is the slowest case, and batch 1 has already warmed both sides up
-    for b, target in ((1, 10.0), (16, None)):
-        measure(f"generation b{b}", f"generation tokens/s, batch {b} (16 -> +128)",
-                {k: generation_case(k, b) for k in ("ours", "ref")}, b * NEW_TOKENS, target, warmup=b == 1)
+    # (b) generation, batch 1: fp32 and bf16 weights on our side against the reference in fp32, first with the
+    # process's threads on both sides, then with one intra-op thread on both sides
+    bf16 = torch.bfloat16
+    for threads in (THREADS, 1):
+        suffix = f", {threads} thread{'s' if threads > 1 else ''}"
+        cases = {"ours": generation_case("ours", 1, threads=threads), "ref": generation_case("ref", 1, threads=threads),
+                 "ours bf16": generation_case("ours", 1, dtype=bf16, threads=threads)}
+        measure(f"generation b1 t{threads}", f"generation tokens/s, batch 1 (16 -> +128){suffix}", cases, NEW_TOKENS,
+                7.0, extra={"ours bf16": (f"generation tokens/s, batch 1 (16 -> +128), ours in bf16{suffix}", 10.0)})
+    # the batch-16 reference run is the slowest case, and batch 1 has already warmed both sides up
+    measure("generation b16", "generation tokens/s, batch 16 (16 -> +128)",
+            {k: generation_case(k, 16) for k in ("ours", "ref")}, 16 * NEW_TOKENS, None, warmup=False)
     # not a target: how the cache's advantage grows with the context the reference recomputes at every token
     long = 512 - PROMPT_LEN
     measure("generation b1 long", f"generation tokens/s, batch 1 (16 -> +{long})",
             {k: generation_case(k, 1, long) for k in ("ours", "ref")}, long, None, warmup=False)
+    floors = {(dtype, transposed, threads): weight_floor(dtype, transposed, threads)
+              for dtype in (torch.float32, bf16) for transposed in (False, True) for threads in (THREADS, 1)}
     # (c) PPO: 16 rollouts of 16 -> +128 tokens, then one learning pass
     with contextlib.redirect_stderr(io.StringIO()):  # accelerate's episode bar ignores TQDM_DISABLE
         measure("ppo", "PPO runs/s (16 rollouts + 1 update, 1 epoch)", {k: ppo_case(k) for k in ("ours", "ref")},
-                1, 5.0, warmup=False)
+                1, 10.0, warmup=False)
     load_after = os.getloadavg()
     print_table(rows, peak, load_before, load_after)
+    print_floors(rows, floors)
     print_memory()
 
     missed = [r["key"] for r in rows if r["target"] and r["rate"]["ours"] / r["rate"]["ref"] < r["target"]]
@@ -325,10 +369,26 @@ def print_table(rows, peak, load_before, load_after) -> None:
         print(f"| {r['label']} | {cells[0]} | {cells[1]} | {ratio:,.1f}x | {best:,.1f}x | {target} | {met} |")
     flops = train_flops_per_token(CONFIG, 256)
     share = {k: rows[0]["rate"][k] * flops / peak for k in ("ours", "ref")}
-    print(f"| training model FLOP/s as a share of the matmul peak | {share['ours']:.1%} | {share['ref']:.1%} | | | | |")
+    print(f"| training model FLOP/s as a share of the matmul peak | {share['ours']:.1%} | {share['ref']:.1%} | | | "
+          f">= 50% | {'yes' if share['ours'] >= 0.5 else 'NO'} |")
     print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per training token 6N + 12 L H Q T = "
           f"{flops / 1e6:.2f} MFLOP (N = {CONFIG['depth']} blocks' matmul weights + tied output projection, "
           f"H Q = heads x dim_head, T = 256)")
+
+
+def print_floors(rows, floors) -> None:
+    """Batch-1 decoding against the time it takes to read the weights once per token through torch's own
+    matrix-vector products (weight_floor), in both weight layouts."""
+    print("\n| batch-1 decoding, 16 -> +128 | threads | ours, ms/token: median [best] | floor, F.linear (out, in) | "
+          "floor, (in, out) | ours / best floor |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for dtype, name in ((torch.float32, ""), (torch.bfloat16, " bf16")):
+        for threads in sorted({t for (_, _, t) in floors}, reverse=True):
+            row = next(r for r in rows if r["key"] == f"generation b1 t{threads}{name}")
+            med, best = (1e3 * f(row["times"]["ours"]) / row["units"] for f in (median, min))
+            lin, tr = (1e3 * floors[(dtype, t, threads)] for t in (False, True))
+            print(f"| {str(dtype)[6:]} | {threads} | {med:.2f} [{best:.2f}] | {lin:.2f} | {tr:.2f} | "
+                  f"{med / min(lin, tr):.2f}x |")
 
 
 def fmt_load(load: tuple[float, float, float]) -> str:

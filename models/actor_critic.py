@@ -20,13 +20,24 @@ from models.reward import RewardModel
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, palm: PaLM, actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8):
+    """actor_lora_r / critic_lora_r: each scope's LoRA rank (default lora_r). actor_dropout / critic_dropout: dropout
+    in the actor's and the critic's forward passes while training (never in sampling or the reference policy)."""
+
+    def __init__(self, palm: PaLM, actor_lora: bool = True, critic_lora: bool = True, lora_r: int = 8, *,
+                 actor_lora_r: int | None = None, critic_lora_r: int | None = None, actor_dropout: float = 0.0,
+                 critic_dropout: float = 0.0):
         super().__init__()
+        for name, rate in (("actor_dropout", actor_dropout), ("critic_dropout", critic_dropout)):
+            if not 0 <= rate < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {rate!r}")
         self.palm = copy.deepcopy(palm)
         self.actor_lora, self.critic_lora, self.lora_r = actor_lora, critic_lora, lora_r
-        for scope, wanted in (("actor", actor_lora), ("critic", critic_lora)):
+        self.actor_lora_r = actor_lora_r if actor_lora_r is not None else lora_r
+        self.critic_lora_r = critic_lora_r if critic_lora_r is not None else lora_r
+        self.actor_dropout, self.critic_dropout = actor_dropout, critic_dropout
+        for scope, wanted, r in (("actor", actor_lora, self.actor_lora_r), ("critic", critic_lora, self.critic_lora_r)):
             if wanted and scope not in self.palm.finetune_modules:
-                self.palm.add_finetune_params(scope, lora_r)
+                self.palm.add_finetune_params(scope, r)
         self.reference = None if actor_lora else _frozen(copy.deepcopy(palm))
         self.critic_palm = None if critic_lora else copy.deepcopy(palm)
         if actor_lora and critic_lora:
@@ -48,7 +59,8 @@ class ActorCritic(nn.Module):
         return [*body, *self.value_head.parameters()]
 
     def policy_logits(self, seq: Tensor, mask: Tensor | None) -> Tensor:
-        return self.palm(seq, mask=mask, finetune_scope=self.actor_scope)
+        return self.palm(seq, mask=mask, finetune_scope=self.actor_scope,
+                         dropout=self.actor_dropout if self.training else 0.0)
 
     @torch.no_grad()
     def reference_logits(self, seq: Tensor, mask: Tensor | None) -> Tensor:
@@ -66,10 +78,11 @@ class ActorCritic(nn.Module):
         return plain
 
     def values(self, seq: Tensor, mask: Tensor | None) -> Tensor:
+        dropout = self.critic_dropout if self.training else 0.0
         if self.critic_lora:
-            h = self.palm(seq, mask=mask, finetune_scope="critic", return_only_embedding=True)
+            h = self.palm(seq, mask=mask, finetune_scope="critic", return_only_embedding=True, dropout=dropout)
         else:
-            h = self.critic_palm(seq, mask=mask, return_only_embedding=True)
+            h = self.critic_palm(seq, mask=mask, return_only_embedding=True, dropout=dropout)
         return self.value_head(h).squeeze(-1)
 
 
@@ -172,8 +185,15 @@ def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor,
 
 
 def ppo_update(ac: ActorCritic, optimizer: torch.optim.Optimizer, experiences: list[Experience], cfg: PPOConfig,
-               minibatch_size: int, generator: torch.Generator | None = None) -> dict[str, float]:
-    """cfg.ppo_epochs passes over the experience in shuffled minibatches. Returns mean statistics."""
+               minibatch_size: int, generator: torch.Generator | None = None, *,
+               old_policy_kl_coef: float = 0.0) -> dict[str, float]:
+    """cfg.ppo_epochs passes over the experience in shuffled minibatches. Returns mean statistics.
+
+    old_policy_kl_coef: weight of a KL(sampling policy || current policy) penalty in the loss (the reference's
+    kl_div_loss_weight). Experience keeps no distributions, so it is estimated from the sampled actions with
+    Schulman's k3 estimator, (r - 1) - log r for r = pi / pi_old, unbiased with an unbiased gradient
+    (http://joschu.net/blog/kl-approx.html).
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     totals: dict[str, float] = {}
     count = 0
@@ -188,6 +208,9 @@ def ppo_update(ac: ActorCritic, optimizer: torch.optim.Optimizer, experiences: l
                 v_loss = value_loss(out["values"].float(), mb.values, mb.returns, mb.action_mask, cfg.value_clip_eps)
                 entropy = masked_mean(out["entropy"], mb.action_mask)
                 loss = pg_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy
+                if old_policy_kl_coef:
+                    log_ratio = out["logprobs"] - mb.logprobs
+                    loss = loss + old_policy_kl_coef * masked_mean(torch.expm1(log_ratio) - log_ratio, mb.action_mask)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"PPO loss is {loss.item()} (policy {pg_loss.item()}, value "
                                              f"{v_loss.item()})")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from models.cache import KVCache
 from models.config import Positive, PositiveFloat, check_bounds
-from models.sampling import Generation, sample_token
+from models.decode import Decoder
+from models.sampling import Generation, check_filters, sample_token
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,20 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        # positions (b, n) -> cos, sin (b, n, d)
-        freqs = positions.float()[..., None] * self.inv_freq
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        return freqs.cos(), freqs.sin()
+        """positions (b, n) -> cos, signed sin (b, n, d), for apply_rotary."""
+        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, d/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate the two halves of x's last dim (x1, x2) to (x1 cos - x2 sin, x2 cos + x1 sin).
+
+    rotate_half(x) = cat(-x2, x1) is a roll of x by d/2 with the sign folded into the sine table, one operator
+    instead of chunk, neg and cat (and the same floats: -(x2) sin == x2 (-sin) exactly).
+    """
+    out = x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # a bf16 x against the fp32 tables: round once
 
 
 class ParallelBlock(nn.Module):
@@ -95,35 +99,39 @@ class ParallelBlock(nn.Module):
         self.attn_out = nn.Linear(attn_inner, cfg.dim, bias=False)
         self.ff_out = nn.Linear(ff_inner, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache: KVCache | None, layer: int, lora: nn.ModuleDict | None):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache: KVCache | None, layer: int, lora: nn.ModuleDict | None,
+                dropout: float = 0.0):
         h = self.norm(x)
-        q, k, v, ff = self.fused_proj(h).split(self.fused_dims, dim=-1)
+        b, n, _ = x.shape
+        heads, d = self.heads, self.dim_head
+        qkv, ff = self.fused_proj(h).split((sum(self.fused_dims[:3]), self.fused_dims[3]), dim=-1)
         if lora is not None:
-            dq, dk, dv = lora["qkv"](h).split(self.fused_dims[:3], dim=-1)
-            q, k, v = q + dq, k + dk, v + dv
-
-        b, n, _ = q.shape
-        k = apply_rotary(k, cos, sin)  # (b, n, d): one head for all queries
+            qkv = qkv + lora["qkv"](h)
+        qk, v = qkv.split(((heads + 1) * d, d), dim=-1)
+        # the q heads and the one k head sit side by side: one rotation for both
+        qk = apply_rotary(qk.view(b, n, heads + 1, d), cos[:, :, None], sin[:, :, None])  # (b, n, h + 1, d)
+        q, k = qk[:, :, :heads], qk[:, :, heads]  # (b, n, h, d), (b, n, d): one k/v head for all queries
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (b, N, d)
         k, v = k[:, None], v[:, None]  # (b, 1, N, d)
         if n == 1:
             # one new position (decoding): the heads become query rows against the single key/value head,
             # one small attention with no copies of k and v
-            q = apply_rotary(q.view(b, 1, self.heads, self.dim_head), cos[:, None], sin[:, None])  # (b, 1, h, d)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).reshape(b, 1, -1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout).reshape(b, 1, -1)
         else:
-            q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
-            q = apply_rotary(q, cos[:, None], sin[:, None])
-            k, v = (t.expand(-1, self.heads, -1, -1) for t in (k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-            out = rearrange(out, "b h n d -> b n (h d)")
+            k, v = (t.expand(-1, heads, -1, -1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=dropout)  # (b, h, n, d)
+            out = out.transpose(1, 2).reshape(b, n, heads * d)
 
         attn = self.attn_out(out)
         if lora is not None:
             attn = attn + lora["out"](out)
         value, gate = ff.chunk(2, dim=-1)
-        return x + attn + self.ff_out(F.silu(gate) * value)
+        hidden = F.silu(gate) * value
+        if dropout:
+            hidden = F.dropout(hidden, dropout)
+        return x + attn + self.ff_out(hidden)
 
 
 class PaLM(nn.Module):
@@ -165,8 +173,13 @@ class PaLM(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, return_loss: bool = False, mask: Tensor | None = None, finetune_scope: str | None = None,
                 return_only_embedding: bool = False, extra_embed: Tensor | None = None, cache: KVCache | None = None,
-                positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False):
+                positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False,
+                dropout: float = 0.0):
         """x: (b, n) token ids. mask: (b, n) True for real tokens (False = padding); with a cache it covers cache + x.
+
+        dropout: the rate on the attention weights and the feed-forward hidden units (the reference's attn_dropout
+        and ff_dropout, one rate for both as its set_dropout sets them). It applies to this call whatever the module's
+        train/eval mode, so a caller passes it only where it trains (ActorCritic does, in train mode only).
 
         return_loss: next-token cross-entropy over every position whose target is a real token (padding is the only
         thing left out: token id 0 is an ordinary token).
@@ -176,7 +189,7 @@ class PaLM(nn.Module):
             inputs, targets = x[:, :-1], x[:, 1:]
             in_mask = mask[:, :-1] if mask is not None else None
             logits = self(inputs, mask=in_mask, finetune_scope=finetune_scope, extra_embed=extra_embed,
-                          positions=positions[:, :-1] if positions is not None else None)
+                          positions=positions[:, :-1] if positions is not None else None, dropout=dropout)
             return lm_loss(logits, targets, mask[:, 1:] if mask is not None else None)
 
         causal = self.causal if causal is None else causal
@@ -192,7 +205,7 @@ class PaLM(nn.Module):
             h = h + extra_embed
         lora = self.finetune_modules[finetune_scope] if finetune_scope is not None else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_mask, is_causal, cache, i, lora[i] if lora is not None else None)
+            h = layer(h, cos, sin, attn_mask, is_causal, cache, i, lora[i] if lora is not None else None, dropout)
         if cache is not None:
             cache.advance(n)
         h = self.norm(h)
@@ -225,39 +238,62 @@ class PaLM(nn.Module):
     # ---- generation ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompt: Tensor, prompt_mask: Tensor | None, max_new_tokens: int, *, temperature: float = 1.0,
-               filter_thres: float = 0.9, eos_token: int | None = None, pad_value: int = 0,
-               finetune_scope: str | None = None, generator: torch.Generator | None = None,
-               use_cache: bool = True, top_k: int | None = None) -> Generation:
-        """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it."""
+               filter_thres: float | None = None, top_k: int | None = None, eos_token: int | None = None,
+               pad_value: int = 0, finetune_scope: str | None = None, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> Generation:
+        """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it.
+
+        filter_thres keeps the top (1 - filter_thres) of the vocabulary (default 0.9, as the reference); top_k keeps
+        the k largest logits instead (filter_thres then defaults to 0, and giving both is an error).
+        """
         b, P = prompt.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if P + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the context of "
                              f"{self.config.max_seq_len} tokens")
+        filter_thres = check_filters(filter_thres, top_k)
         mask = prompt_mask.bool() if prompt_mask is not None else torch.ones_like(prompt, dtype=torch.bool)
         padded = not bool(mask.all())
+        if not use_cache:
+            return self._sample_without_cache(prompt, prompt_mask, mask, padded, max_new_tokens, temperature,
+                                              filter_thres, top_k, eos_token, pad_value, finetune_scope, generator)
+        decoder = Decoder(self, b, P + max_new_tokens, finetune_scope, prompt.device)
+        logits = decoder.prefill(prompt, mask if padded else None, max_new_tokens)
+        tokens, alive = [], []
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device) if eos_token is not None else None
+        for step in range(max_new_tokens):
+            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
+            if done is not None:
+                alive.append(~done)
+                token = torch.where(done, pad_value, token)
+                done = done | (token == eos_token)
+            tokens.append(token)
+            if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
+                break
+            logits = decoder.step(token)
+        new = torch.stack(tokens, dim=1)
+        new_mask = torch.stack(alive, dim=1) if alive else torch.ones_like(new, dtype=torch.bool)
+        return Generation(prompt=prompt, prompt_mask=prompt_mask if prompt_mask is not None else mask,
+                          tokens=new, mask=new_mask)
+
+    def _sample_without_cache(self, prompt, prompt_mask, mask, padded, max_new_tokens, temperature, filter_thres,
+                              top_k, eos_token, pad_value, finetune_scope, generator) -> Generation:
+        """The reference's way: a full forward pass over everything so far for every new token."""
+        b, P = prompt.shape
         tokens, done = prompt, torch.zeros(b, dtype=torch.bool, device=prompt.device)
         new_tokens, new_mask = [], []
-        cache = KVCache.empty(self, b, P + max_new_tokens, prompt.device) if use_cache else None
-        step_input, step_mask = prompt, mask
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(step_input, mask=step_mask if padded else None, finetune_scope=finetune_scope,
-                              cache=cache)[:, -1]
-            else:
-                logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
-            token = sample_token(logits, temperature, filter_thres, generator, top_k)
+            logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
+            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
             alive = ~done
             token = torch.where(alive, token, torch.full_like(token, pad_value))
             new_tokens.append(token)
             new_mask.append(alive)
-            if not use_cache:
-                tokens = torch.cat((tokens, token[:, None]), dim=-1)
+            tokens = torch.cat((tokens, token[:, None]), dim=-1)
             mask = torch.cat((mask, alive[:, None]), dim=-1)
             if eos_token is not None:
                 done = done | (token == eos_token)
-            step_input, step_mask = token[:, None], mask
             if bool(done.all()):
                 break
         return Generation(prompt=prompt, prompt_mask=prompt_mask if prompt_mask is not None else mask[:, :P],
@@ -265,9 +301,10 @@ class PaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, seq_len: int, prompt: Tensor | list[Tensor] | None = None, temperature: float = 1.0,
-                 filter_thres: float = 0.9, eos_token: int | None = None, pad_value: int = 0,
+                 filter_thres: float | None = None, eos_token: int | None = None, pad_value: int = 0,
                  prompt_mask: Tensor | None = None, finetune_scope: str | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 top_k: int | None = None) -> Tensor:
         """Sample until the sequence (prompt included) is seq_len long; returns only the new tokens.
 
         prompt: (n,), (b, n), or a list of 1-D prompts of different lengths (left-padded here). None starts from one
@@ -282,7 +319,7 @@ class PaLM(nn.Module):
         if seq_len <= prompt.shape[-1]:
             raise ValueError(f"seq_len ({seq_len}) must be longer than the prompt ({prompt.shape[-1]} tokens)")
         out = self.sample(prompt, prompt_mask, seq_len - prompt.shape[-1], temperature=temperature,
-                          filter_thres=filter_thres, eos_token=eos_token, pad_value=pad_value,
+                          filter_thres=filter_thres, top_k=top_k, eos_token=eos_token, pad_value=pad_value,
                           finetune_scope=finetune_scope, generator=generator, use_cache=use_cache)
         if start is not None:
             return torch.cat((start, out.tokens), dim=-1)
@@ -303,7 +340,9 @@ class PaLM(nn.Module):
 
 def lm_loss(logits: Tensor, targets: Tensor, target_mask: Tensor | None) -> Tensor:
     """Mean next-token cross-entropy over targets that are real tokens."""
-    loss = F.cross_entropy(rearrange(logits, "b n c -> b c n").float(), targets, reduction="none")
+    # flat (b n, c) rows: the layout cross_entropy reads fastest (a (b, c, n) view makes it gather across rows)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    loss = loss.view_as(targets)
     if target_mask is None:
         return loss.mean()
     target_mask = target_mask.to(loss.dtype)

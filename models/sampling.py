@@ -33,25 +33,43 @@ def top_k_filter(logits: Tensor, thres: float) -> Tensor:
     """Keep the top ceil((1 - thres) * vocab) logits (the reference's `filter_thres`); thres <= 0 keeps all."""
     if thres <= 0:
         return logits
-    k = max(math.ceil((1 - thres) * logits.shape[-1]), 1)
+    return keep_top_k(logits, max(math.ceil((1 - thres) * logits.shape[-1]), 1))
+
+
+def keep_top_k(logits: Tensor, k: int | None) -> Tensor:
+    """logits (..., vocab) with everything but the k largest of each row set to -inf; None, 0 or k >= vocab keep all."""
+    if not k or k >= logits.shape[-1]:
+        return logits
     values, indices = logits.topk(k, dim=-1)
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
-def keep_top_k(logits: Tensor, k: int) -> Tensor:
-    """Keep the k largest logits of each row, -inf elsewhere."""
-    values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
-
-
-def sample_token(logits: Tensor, temperature: float, filter_thres: float, generator: torch.Generator | None,
-                 top_k: int | None = None) -> Tensor:
-    """logits (b, vocab) -> token ids (b,). temperature 0 is greedy argmax. top_k keeps the k most likely tokens
-    (None or 0 keeps all); it is the count-based form of filter_thres, and the two cannot be combined."""
+def check_filters(filter_thres: float | None, top_k: int | None) -> float:
+    """The filter_thres to use: the reference's 0.9 by default, 0 when top_k is given. Both at once is an error."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be a non-negative integer (0 or None keeps every token), got {top_k!r}")
+    if filter_thres is None:
+        return 0.0 if top_k else 0.9
     if top_k and filter_thres > 0:
-        raise ValueError(f"give top_k ({top_k}) or filter_thres ({filter_thres}), not both")
+        raise ValueError(f"give top_k ({top_k}) or filter_thres ({filter_thres}), not both: each sets how many of "
+                         "the largest logits are kept")
+    return filter_thres
+
+
+def sample_token(logits: Tensor, temperature: float, filter_thres: float | None, generator: torch.Generator | None,
+                 top_k: int | None = None) -> Tensor:
+    """logits (b, vocab) -> token ids (b,). temperature 0 is greedy argmax.
+
+    filter_thres keeps the top (1 - filter_thres) of the vocabulary, top_k the k largest logits (None or 0: all);
+    they are two ways of saying the same thing, so giving both is an error.
+    """
+    filter_thres = check_filters(filter_thres, top_k)
     if temperature <= 0:
         return logits.argmax(dim=-1)
     filtered = keep_top_k(logits.float(), top_k) if top_k else top_k_filter(logits.float(), filter_thres)
-    probs = torch.softmax(filtered / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(filtered / temperature if temperature != 1 else filtered, dim=-1)
+    # what torch.multinomial(probs, 1) computes, token for token on the same generator (its one-sample path races
+    # exponential clocks: argmax p / q with q ~ Exp(1)), without its checks of the distribution, which cost more
+    # operator calls than the draw itself at one token per step
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
