@@ -17,6 +17,7 @@ from models.palm import PaLM
 from models.ppo import (PPOConfig, entropy_from_logits, gae, gather_logprobs, kl_penalty_rewards, masked_mean,
                         masked_whiten, policy_loss, value_loss)
 from models.reward import RewardModel
+from models.sampling import suppressed as suppressed_logits, token_ids
 
 
 class ActorCritic(nn.Module):
@@ -125,23 +126,41 @@ class Experience:
     scores: Tensor  # (b,) reward model score of each response
     advantages: Tensor  # (b, T)
     returns: Tensor  # (b, T)
+    # the sampling distribution is the policy's logits / temperature: every log-prob of it (the ratio's old and new,
+    # the KL to the reference, the entropy) is taken of that distribution, or PPO would be off-policy
+    temperature: float = 1.0
+    suppressed: tuple[int, ...] = ()  # ids the sampler never emitted: outside the sampling distribution too
 
     @property
     def num_actions(self) -> int:
         return self.action_mask.shape[1]
 
+    def _tensors(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name not in ("temperature", "suppressed")]
+
     def select(self, idx: Tensor) -> "Experience":
-        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Experience(**{name: getattr(self, name)[idx] for name in self._tensors()}, temperature=self.temperature,
+                          suppressed=self.suppressed)
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).element_size() * getattr(self, f.name).nelement() for f in fields(self))
+        return sum(getattr(self, name).element_size() * getattr(self, name).nelement() for name in self._tensors())
+
+
+def sampling_logits(logits: Tensor, suppressed: tuple[int, ...]) -> Tensor:
+    """Logits whose softmax is the sampler's distribution without the `suppressed` ids: those get a finite floor, so
+    that log-probs and entropies stay finite (their probability is 0 all the same)."""
+    return suppressed_logits(logits.float(), token_ids(suppressed, logits.device), -1e9) if suppressed else logits
 
 
 def action_outputs(ac: ActorCritic, seq: Tensor, seq_mask: Tensor, T: int, *, with_values: bool = True,
-                   with_entropy: bool = False):
-    """Log-probs (and values, entropies) of the last T tokens of seq, each predicted from the position before it."""
+                   with_entropy: bool = False, temperature: float = 1.0, suppressed: tuple[int, ...] = ()):
+    """Log-probs (and values, entropies) of the last T tokens of seq, each predicted from the position before it,
+    under the sampling distribution: at `temperature`, without the `suppressed` ids."""
     inputs, mask = seq[:, :-1], seq_mask[:, :-1]
     logits = ac.policy_logits(inputs, mask)[:, -T:]
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    logits = sampling_logits(logits, suppressed)
     actions = seq[:, -T:]
     out = {"logprobs": gather_logprobs(logits, actions)}
     if with_entropy:
@@ -155,18 +174,23 @@ def action_outputs(ac: ActorCritic, seq: Tensor, seq_mask: Tensor, T: int, *, wi
 def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor, prompt_mask: Tensor, *,
                     max_new_tokens: int, kl_coef: float, cfg: PPOConfig, temperature: float = 1.0,
                     eos_token: int | None = None, pad_value: int = 0,
-                    generator: torch.Generator | None = None) -> Experience:
+                    generator: torch.Generator | None = None, suppress_tokens=()) -> Experience:
     """Sample responses for a batch of left-padded prompts and score them.
 
-    Rollouts sample from the full distribution (no top-k) so the log-probs PPO's ratio uses are the policy's own.
+    Rollouts sample from the full distribution (no top-k) at `temperature`, and every log-prob is of that
+    distribution, so the ratio PPO optimises is the sampling policy's own.
     """
+    if not temperature > 0:
+        raise ValueError(f"PPO samples from the policy: temperature must be above 0, got {temperature}")
+    suppress_tokens = tuple(suppress_tokens or ())
     gen = ac.palm.sample(prompts, prompt_mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
                          eos_token=eos_token, pad_value=pad_value, finetune_scope=ac.actor_scope,
-                         generator=generator)
+                         generator=generator, suppress_tokens=suppress_tokens)
     seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
     prompt_part = torch.cat((prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
-    out = action_outputs(ac, seq, seq_mask, T)
-    ref_logits = ac.reference_logits(seq[:, :-1], seq_mask[:, :-1])[:, -T:]
+    out = action_outputs(ac, seq, seq_mask, T, temperature=temperature, suppressed=suppress_tokens)
+    # the reference's distribution as a sampler of it would draw: without the suppressed ids either
+    ref_logits = sampling_logits(ac.reference_logits(seq[:, :-1], seq_mask[:, :-1])[:, -T:], suppress_tokens)
     ref_logprobs = gather_logprobs(ref_logits, seq[:, -T:])
     if cfg.dense_rewards and getattr(reward_model, "dense", False):
         # each response token's share of the score (the shares of prompt tokens are 0): the same total, given
@@ -181,7 +205,7 @@ def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor,
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, gen.mask)
     return Experience(seq, seq_mask, prompt_part, gen.mask, out["logprobs"], ref_logprobs, out["values"].float(),
-                      rewards, scores, advantages, returns)
+                      rewards, scores, advantages, returns, temperature, suppress_tokens)
 
 
 def ppo_update(ac: ActorCritic, optimizer: torch.optim.Optimizer, experiences: list[Experience], cfg: PPOConfig,
@@ -202,7 +226,8 @@ def ppo_update(ac: ActorCritic, optimizer: torch.optim.Optimizer, experiences: l
             order = torch.randperm(exp.sequences.shape[0], generator=generator)
             for start in range(0, len(order), minibatch_size):
                 mb = exp.select(order[start:start + minibatch_size].to(exp.sequences.device))
-                out = action_outputs(ac, mb.sequences, mb.sequence_mask, mb.num_actions, with_entropy=True)
+                out = action_outputs(ac, mb.sequences, mb.sequence_mask, mb.num_actions, with_entropy=True,
+                                     temperature=mb.temperature, suppressed=mb.suppressed)
                 pg_loss, clip_frac, approx_kl = policy_loss(out["logprobs"], mb.logprobs, mb.advantages,
                                                             mb.action_mask, cfg.clip_eps)
                 v_loss = value_loss(out["values"].float(), mb.values, mb.returns, mb.action_mask, cfg.value_clip_eps)

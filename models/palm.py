@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from models.cache import KVCache
 from models.config import Positive, PositiveFloat, check_bounds
 from models.decode import Decoder
-from models.sampling import Generation, check_filters, sample_token
+from models.sampling import Generation, check_filters, sample_token, suppressed, token_ids
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,12 @@ class PaLM(nn.Module):
     def sample(self, prompt: Tensor, prompt_mask: Tensor | None, max_new_tokens: int, *, temperature: float = 1.0,
                filter_thres: float | None = None, top_k: int | None = None, eos_token: int | None = None,
                pad_value: int = 0, finetune_scope: str | None = None, generator: torch.Generator | None = None,
-               use_cache: bool = True) -> Generation:
+               use_cache: bool = True, suppress_tokens=None) -> Generation:
         """Batched sampling from left-padded prompts (b, P). Rows that emit eos_token get padding after it.
 
         filter_thres keeps the top (1 - filter_thres) of the vocabulary (default 0.9, as the reference); top_k keeps
         the k largest logits instead (filter_thres then defaults to 0, and giving both is an error).
+        suppress_tokens: ids never emitted (padding, ids beyond the tokenizer's vocabulary).
         """
         b, P = prompt.shape
         if max_new_tokens < 1:
@@ -253,17 +254,19 @@ class PaLM(nn.Module):
             raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed the context of "
                              f"{self.config.max_seq_len} tokens")
         filter_thres = check_filters(filter_thres, top_k)
+        banned = token_ids(suppress_tokens, prompt.device)
         mask = prompt_mask.bool() if prompt_mask is not None else torch.ones_like(prompt, dtype=torch.bool)
         padded = not bool(mask.all())
         if not use_cache:
             return self._sample_without_cache(prompt, prompt_mask, mask, padded, max_new_tokens, temperature,
-                                              filter_thres, top_k, eos_token, pad_value, finetune_scope, generator)
+                                              filter_thres, top_k, eos_token, pad_value, finetune_scope, generator,
+                                              banned)
         decoder = Decoder(self, b, P + max_new_tokens, finetune_scope, prompt.device)
         logits = decoder.prefill(prompt, mask if padded else None, max_new_tokens)
         tokens, alive = [], []
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device) if eos_token is not None else None
         for step in range(max_new_tokens):
-            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
+            token = sample_token(suppressed(logits, banned), temperature, filter_thres, generator, top_k=top_k)
             if done is not None:
                 alive.append(~done)
                 token = torch.where(done, pad_value, token)
@@ -278,14 +281,14 @@ class PaLM(nn.Module):
                           tokens=new, mask=new_mask)
 
     def _sample_without_cache(self, prompt, prompt_mask, mask, padded, max_new_tokens, temperature, filter_thres,
-                              top_k, eos_token, pad_value, finetune_scope, generator) -> Generation:
+                              top_k, eos_token, pad_value, finetune_scope, generator, banned=None) -> Generation:
         """The reference's way: a full forward pass over everything so far for every new token."""
         b, P = prompt.shape
         tokens, done = prompt, torch.zeros(b, dtype=torch.bool, device=prompt.device)
         new_tokens, new_mask = [], []
         for _ in range(max_new_tokens):
             logits = self(tokens, mask=mask if padded else None, finetune_scope=finetune_scope)[:, -1]
-            token = sample_token(logits, temperature, filter_thres, generator, top_k=top_k)
+            token = sample_token(suppressed(logits, banned), temperature, filter_thres, generator, top_k=top_k)
             alive = ~done
             token = torch.where(alive, token, torch.full_like(token, pad_value))
             new_tokens.append(token)

@@ -51,7 +51,8 @@ class RLHFTrainer:
     `max_norm` (None: no clipping; here one norm over actor and critic together), `kl_div_loss_weight` (a penalty on
     the KL from the policy that sampled the rollouts, see ppo_update), AdamW's `betas` and the weight decays
     `actor_wd` / `critic_wd`, the LoRA ranks `actor_lora_r` / `critic_lora_r`, and `actor_dropout` /
-    `critic_dropout` while training. Keywords that cannot apply (REFUSED) raise a TypeError saying why. Keywords
+    `critic_dropout` while training. `suppress_tokens`: ids the policy never samples (its padding, ids beyond its
+    tokenizer's vocabulary), left out of every log-prob PPO takes. Keywords that cannot apply (REFUSED) raise a TypeError saying why. Keywords
     left out keep this design's defaults, which differ from the reference's where PPOConfig says so.
     """
 
@@ -63,7 +64,7 @@ class RLHFTrainer:
                  minibatch_size: int | None = None, kl_div_loss_weight: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), actor_wd: float = 0.0, critic_wd: float = 0.0,
                  actor_lora_r: int | None = None, critic_lora_r: int | None = None, actor_dropout: float = 0.0,
-                 critic_dropout: float = 0.0, max_norm=_UNSET, **ppo_kwargs):
+                 critic_dropout: float = 0.0, max_norm=_UNSET, suppress_tokens=(), **ppo_kwargs):
         refused = [k for k in ppo_kwargs if k in REFUSED]
         if refused:
             raise TypeError("RLHFTrainer does not take " + "; ".join(f"{k}: {REFUSED[k]}" for k in refused))
@@ -88,6 +89,7 @@ class RLHFTrainer:
         ], betas=betas)
         self.kl = KLController(self.cfg.kl_coef, self.cfg.adaptive_kl, self.cfg.kl_target, self.cfg.kl_horizon)
         self.pad_value = pad_value
+        self.suppress_tokens = tuple(int(t) for t in suppress_tokens)  # ids never sampled (padding, unused ids)
         # prompt choice and minibatch order on the CPU; token sampling on the model's device
         self.data_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator().manual_seed(seed + 1)
@@ -122,7 +124,7 @@ class RLHFTrainer:
         exp = make_experience(self.actor_critic, self.reward_model, prompts, prompt_mask,
                               max_new_tokens=max_new_tokens, kl_coef=self.kl.value, cfg=self.cfg,
                               temperature=temperature, eos_token=eos_token, pad_value=self.pad_value,
-                              generator=self.generators()["sample"])
+                              generator=self.generators()["sample"], suppress_tokens=self.suppress_tokens)
         stats = rollout_stats(exp)
         stats["kl_coef"] = self.kl.value
         self.kl.update(stats["kl"], exp.sequences.shape[0])
@@ -181,7 +183,8 @@ class RLHFTrainer:
         palm = self.actor_critic.palm
         gen = palm.sample(prompt.expand(num_samples, -1), None, seq_len - P, temperature=temperature,
                           filter_thres=filter_thres, eos_token=eos_token, pad_value=self.pad_value,
-                          finetune_scope=self.actor_critic.actor_scope, generator=self.generators()["sample"])
+                          finetune_scope=self.actor_critic.actor_scope, generator=self.generators()["sample"],
+                          suppress_tokens=self.suppress_tokens)
         prompt_part = torch.cat((gen.prompt_mask.bool(), torch.zeros_like(gen.mask)), dim=-1)
         scores = self.reward_model.score(gen.sequences, mask=gen.sequence_mask, prompt_mask=prompt_part)
         best = int(select_best_of_n(scores[None], num_samples)[0])

@@ -44,6 +44,21 @@ def keep_top_k(logits: Tensor, k: int | None) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
+def suppressed(logits: Tensor, tokens: Tensor | None, value: float = float("-inf")) -> Tensor:
+    """`logits` with the ids in `tokens` (1-D) set to `value`: tokens a policy must never emit (padding, ids beyond
+    its tokenizer's vocabulary). -inf for sampling; a finite floor where log-probs and entropies are taken."""
+    if tokens is None or tokens.numel() == 0:
+        return logits
+    return logits.index_fill(-1, tokens, value)
+
+
+def token_ids(tokens, device) -> Tensor | None:
+    """A 1-D long tensor of ids on `device`, or None for none."""
+    if tokens is None or len(tokens) == 0:
+        return None
+    return torch.as_tensor(list(tokens), dtype=torch.long, device=device)
+
+
 def check_filters(filter_thres: float | None, top_k: int | None) -> float:
     """The filter_thres to use: the reference's 0.9 by default, 0 when top_k is given. Both at once is an error."""
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):

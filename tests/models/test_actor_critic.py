@@ -1,5 +1,7 @@
-"""The merged policy a registry version serves: one plain PaLM whose logits are the trained actor's."""
+"""The actor-critic: the merged policy a registry version serves (one plain PaLM with the trained actor's logits), and
+the rollouts PPO learns from."""
 
+import pytest
 import torch
 
 from models import PaLM
@@ -45,3 +47,42 @@ def test_merged_full_finetune_policy_is_the_trained_palm_without_the_critic():
     with torch.no_grad():
         torch.testing.assert_close(merged(seq, mask=mask), ac.policy_logits(seq, mask), rtol=0, atol=0)
     assert len(merged.finetune_modules) == 0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_ppo_log_probs_are_of_the_distribution_the_rollouts_were_sampled_from(temperature):
+    """Rollouts drawn at T: the ratio's log-probs, the KL to the reference and the update's entropy are of
+    softmax(logits / T), computed here independently from a plain forward pass; else PPO is silently off-policy."""
+    from models.actor_critic import action_outputs, make_experience
+    from models.ppo import PPOConfig, gather_logprobs
+    from tests.models.conftest import tiny_trainer
+
+    trainer = tiny_trainer()
+    ac, cfg = trainer.actor_critic.eval(), PPOConfig()
+    prompts = torch.randint(0, 60, (4, 6), generator=torch.Generator().manual_seed(0))
+    exp = make_experience(ac, trainer.reward_model, prompts, torch.ones_like(prompts, dtype=torch.bool),
+                          max_new_tokens=5, kl_coef=0.1, cfg=cfg, temperature=temperature,
+                          generator=torch.Generator().manual_seed(1))
+    T = exp.num_actions
+    with torch.no_grad():
+        logits = ac.palm(exp.sequences[:, :-1], finetune_scope=ac.actor_scope)[:, -T:].float()
+        expected = torch.log_softmax(logits / temperature, -1).gather(-1, exp.sequences[:, -T:, None])[..., 0]
+        untempered = gather_logprobs(logits, exp.sequences[:, -T:])
+    assert torch.allclose(exp.logprobs, expected, atol=1e-5)
+    assert not torch.allclose(exp.logprobs, untempered, atol=1e-3)  # the T = 1 log-probs are another policy's
+    assert exp.select(torch.tensor([0, 2])).temperature == temperature
+    with torch.no_grad():  # the update recomputes the same distribution: before any step the ratio is exactly 1
+        again = action_outputs(ac, exp.sequences, exp.sequence_mask, T, temperature=exp.temperature)["logprobs"]
+    assert torch.allclose(again, exp.logprobs, atol=1e-5)
+
+
+def test_ppo_refuses_greedy_rollouts():
+    from models.actor_critic import make_experience
+    from models.ppo import PPOConfig
+    from tests.models.conftest import tiny_trainer
+
+    trainer = tiny_trainer()
+    prompts = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature must be above 0"):
+        make_experience(trainer.actor_critic, trainer.reward_model, prompts, torch.ones_like(prompts, dtype=torch.bool),
+                        max_new_tokens=3, kl_coef=0.1, cfg=PPOConfig(), temperature=0.0)
