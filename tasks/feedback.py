@@ -22,8 +22,8 @@ import torch
 from tasks.config import RewardConfig
 from tasks.data.labeler import labeler_identity, load_labeler, rate_all
 from tasks.data.prompts import make_prompts
-from tasks.data.tables import write_feedback
-from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompts
+from tasks.data.tables import RESPONSE_IDS, write_feedback
+from tasks.data.tokens import check_prompts_fit, decode_responses, encode_prompts, never_sampled
 from tasks.runtime.fingerprint import stage_code
 from tasks.runtime.progress import progress_bar
 from tasks.storage.inputs import ModelInput, load_palm
@@ -84,7 +84,7 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
                       "reward.feedback")
     palm = load_palm(pretrained, device).eval()
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    rows_prompt, rows_response, rows_temperature = [], [], []
+    rows_prompt, rows_response, rows_ids, rows_temperature = [], [], [], []
     temperatures = config.temperatures
     # sample j of each prompt is drawn at temperatures[j % len(temperatures)]
     counts = [len(range(i, config.samples_per_prompt, len(temperatures))) for i in range(len(temperatures))]
@@ -98,13 +98,16 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
                 ids, mask = encode_prompts(chunk, tokenizer)
                 gen = palm.sample(ids.to(device), mask.to(device), config.response_tokens,
                                   temperature=temperature, filter_thres=0.0, generator=generator,
-                                  eos_token=tokenizer.eos_id, pad_value=tokenizer.pad_id)
+                                  eos_token=tokenizer.eos_id, pad_value=tokenizer.pad_id,
+                                  suppress_tokens=never_sampled(tokenizer, palm.config.num_tokens))
                 rows_prompt += chunk
                 rows_response += decode_responses(gen.tokens.cpu(), gen.mask.cpu(), tokenizer)
+                rows_ids += [row[m].tolist() for row, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
                 rows_temperature += [temperature] * len(chunk)
             show(min(start + per_batch, len(prompts)))
     ratings = pd.DataFrame({"prompt": rows_prompt, "response": rows_response,
                             "rating": rate_all(labeler, rows_prompt, rows_response),
+                            RESPONSE_IDS: rows_ids,  # what the reward model trains on: the tokens as sampled
                             "temperature": rows_temperature})  # kept for people; the reward model never reads it
     result = {"ratings_uri": join_uri(prefix, "ratings.parquet")}
     result["ratings_digest"] = write_feedback(ratings, result["ratings_uri"])

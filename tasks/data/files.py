@@ -122,7 +122,9 @@ def text_digest(text: str) -> str:
 
 
 def _canonical(value):
-    if not pd.api.types.is_scalar(value):  # a list or array inside a cell
+    if isinstance(value, (list, tuple, np.ndarray)):  # a list or array inside a cell (token ids), every element
+        return [_canonical(v) for v in value]
+    if not pd.api.types.is_scalar(value):
         return str(value)
     if pd.isna(value):  # None, NaN, pd.NA and NaT all mean "no value"
         return None

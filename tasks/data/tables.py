@@ -229,6 +229,24 @@ class PreparedFeedback:
         return self.table.kind
 
 
+RESPONSE_IDS = "response_ids"  # simulated feedback: the tokens that were sampled, end-of-text included when it was
+
+
+def _responses(table: FeedbackTable, side: str, tokenizer, encode, shown: str) -> list[list[int]]:
+    """The tokens of each answer as a policy would produce it: a whole answer ends with end-of-text. Where the table
+    carries the sampled tokens themselves (RESPONSE_IDS, simulated feedback), those: the reward model learns from the
+    tokens PPO will show it, not from their text decoded and encoded again."""
+    if side == "response" and RESPONSE_IDS in table.frame.columns:
+        rows = [[int(t) for t in ids] for ids in table.frame[RESPONSE_IDS]]
+        bad = [i for i, ids in enumerate(rows)
+               if any(not 0 <= t < tokenizer.vocab_size or t == tokenizer.pad_id for t in ids)]
+        if bad:
+            raise FeedbackError(f"feedback {shown}: column {RESPONSE_IDS!r} holds padding or ids outside this model's "
+                                f"vocabulary of {tokenizer.vocab_size} in {len(bad)} row(s) (first: row {bad[0]})")
+        return rows
+    return [ids + [tokenizer.eos_id] for ids in encode(list(table.frame[side]))]
+
+
 def prepare_feedback(table: FeedbackTable, tokenizer, context: int, on_too_long: str, shown: str) -> PreparedFeedback:
     """Tokenize every row; a row longer than `context` is cut to fit (the prompt keeps its end, the response its
     beginning), dropped, or refused with its row numbers, as `on_too_long` says."""
@@ -237,7 +255,7 @@ def prepare_feedback(table: FeedbackTable, tokenizer, context: int, on_too_long:
     encode = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
     prompts = encode(list(table.frame["prompt"]))
     sides = ("response",) if table.kind == "ratings" else ("chosen", "rejected")
-    fitted = [[fit_dialogue(p, r, context) for p, r in zip(prompts, encode(list(table.frame[side])))]
+    fitted = [[fit_dialogue(p, r, context) for p, r in zip(prompts, _responses(table, side, tokenizer, encode, shown))]
               for side in sides]
     rows = list(zip(*fitted))  # per row: one Fitted per side
     too_long = [any(f.cut for f in row) for row in rows]

@@ -103,3 +103,9 @@ def encode_dialogues(prompts: list[str], responses: list[str], tokenizer: Tokeni
 def decode_responses(tokens: torch.Tensor, mask: torch.Tensor, tokenizer: Tokenizer) -> list[str]:
     """The text of each row's real tokens; an end-of-text token ends the text and is not part of it."""
     return [tokenizer.decode(row[m].tolist()) for row, m in zip(tokens, mask)]
+
+
+def never_sampled(tokenizer: Tokenizer, num_tokens: int) -> tuple[int, ...]:
+    """Ids a policy must never emit: its padding, and any id of the model beyond the tokenizer's vocabulary (a model
+    sized for a larger vocabulary than its tokenizer learned). Every sampler of the pipeline suppresses them."""
+    return (tokenizer.pad_id, *range(tokenizer.vocab_size, num_tokens))

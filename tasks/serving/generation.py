@@ -13,7 +13,7 @@ import torch
 
 from models.palm import as_prompt_batch
 from models.reward import score_to_rating
-from tasks.data.tokens import decode_responses, encode_dialogues
+from tasks.data.tokens import decode_responses, encode_dialogues, never_sampled
 from tasks.serving.bundle import Bundle
 
 ROWS_PER_BATCH = 64  # prompts x samples sampled together: large enough to use the cores, small enough for memory
@@ -95,7 +95,8 @@ def complete(bundle: Bundle, prompts: list[str], params: GenerationParams,
         prompt, mask, _ = as_prompt_batch(rows, None, pad_value=bundle.tokenizer.pad_id)
         gen = bundle.palm.sample(prompt, mask, params.max_new_tokens, temperature=params.temperature,
                                  filter_thres=0.0, top_k=params.top_k or None, generator=generator,
-                                 eos_token=bundle.tokenizer.eos_id, pad_value=bundle.tokenizer.pad_id)
+                                 eos_token=bundle.tokenizer.eos_id, pad_value=bundle.tokenizer.pad_id,
+                                 suppress_tokens=never_sampled(bundle.tokenizer, bundle.palm.config.num_tokens))
         texts = decode_responses(gen.tokens.cpu(), gen.mask.cpu(), bundle.tokenizer)
         scores = None
         if bundle.reward is not None and (n > 1 or params.return_scores):

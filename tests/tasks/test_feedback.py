@@ -57,3 +57,28 @@ def test_samples_of_each_prompt_take_the_temperatures_in_turn(pretrained):
                               "cpu")
     assert other["ratings_uri"] != result["ratings_uri"]  # other settings are other data
     assert set(pd.read_parquet(other["ratings_uri"])["temperature"]) == {1.0}
+
+
+def test_the_reward_model_learns_from_the_tokens_that_were_sampled(pretrained, tmp_path):
+    """Simulated feedback keeps each answer's sampled tokens (end-of-text included when it was sampled), and the
+    reward stage trains on those, not on their text decoded and encoded again; a user's whole answers end with
+    end-of-text, as the policy's do."""
+    from tasks.data.tables import FITTED, RESPONSE_IDS, prepare_feedback, read_feedback
+
+    corpus = builtin_corpus()
+    config = RewardConfig(num_prompts=6, samples_per_prompt=2, prompt_chars=16, response_tokens=12, temperature=3.0)
+    result = simulate_feedback(pretrained, config, corpus, text_digest(corpus), "cpu")
+    tokenizer = pretrained.tokenizer
+    table = read_feedback(result["ratings_uri"], rating_scale=(1, 5), empty_responses=True)
+    sampled = [list(ids) for ids in table.frame[RESPONSE_IDS]]
+    assert [tokenizer.decode(ids) for ids in sampled] == list(table.frame["response"])
+    # at T = 3 byte sampling makes broken UTF-8, which does not survive decoding: the ids are what was sampled
+    assert any(tokenizer.encode(tokenizer.decode(ids)) != [t for t in ids if t != tokenizer.eos_id] for ids in sampled)
+    prepared = prepare_feedback(table, tokenizer, 64, "cut", result["ratings_uri"])
+    assert [f.response for f in prepared.frame[FITTED]] == sampled
+
+    users = table.frame[["prompt", "response", "rating"]].head(3)
+    users.to_csv(tmp_path / "users.csv", index=False)
+    mine = read_feedback(str(tmp_path / "users.csv"), rating_scale=(1, 5), empty_responses=True)
+    fitted = prepare_feedback(mine, tokenizer, 64, "cut", "users.csv").frame[FITTED]
+    assert [f.response for f in fitted] == [tokenizer.encode(r) + [tokenizer.eos_id] for r in mine.frame["response"]]
