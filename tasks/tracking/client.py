@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -80,6 +83,39 @@ def _client(uri: str, registry: str | None) -> MlflowClient:
 
 def get_client() -> MlflowClient:
     return _client(tracking_uri(), _setting("MLFLOW_REGISTRY_URI") or None)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def uninterrupted():
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the write inside has finished; they take effect right after.
+
+    A stop raised in the middle of a write to a SQLite tracking store leaves that connection's transaction open,
+    and the write that marks the run KILLED then fails with "database is locked": the run would stay RUNNING.
+    Only local stores are held this way (a write to a server that is away retries for minutes, and a stop must
+    not wait for that). The Python-level handlers are swapped, not the signal mask: any thread may take a signal
+    sent to the process, but its handler always runs in the main thread, the only one that can swap handlers."""
+    if threading.current_thread() is not threading.main_thread() or is_remote(tracking_uri()):
+        yield
+        return
+    received: list[int] = []
+    held = {}
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) is not None:  # None: installed outside Python, cannot be put back
+            held[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            handler = held[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def check_tracking() -> None:

@@ -13,7 +13,7 @@ from mlflow.entities import Metric, Param
 
 from tasks.redact import redact_uri
 from tasks.tracking.client import (TrackingError, TrackingUnavailable, check_tracking, clean, experiment_id,
-                                   failure_reason, get_client, quote, tracking_uri)
+                                   failure_reason, get_client, quote, tracking_uri, uninterrupted)
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
@@ -151,7 +151,8 @@ class MetricLogger:
                 check_tracking()  # still away? one quick probe, not MLflow's retries
             client = get_client()
             for sent in range(0, len(pending), 1000):  # MLflow takes 1000 metrics per batch
-                client.log_batch(self.run_id, metrics=pending[sent : sent + 1000])
+                with uninterrupted():
+                    client.log_batch(self.run_id, metrics=pending[sent : sent + 1000])
             sent, self.failure = len(pending), None
         except Exception as exc:
             with self._lock:  # keep what was not sent, in order, ahead of anything logged since

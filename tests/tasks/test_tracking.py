@@ -128,6 +128,40 @@ def test_metric_logger_sends_batches_and_keeps_history(run_id):
     assert logger.history["lr"] == [(s, 0.1) for s in range(5)]
 
 
+def test_a_stop_signal_during_a_metrics_write_waits_for_it_and_the_run_can_be_marked_killed(run_id, monkeypatch):
+    """SIGTERM landing inside the SQLite write used to leave its transaction open: marking the run KILLED then
+    failed with "database is locked" and the run stayed RUNNING."""
+    import os
+    import signal
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    client = tracking.get_client()
+    write = client.log_batch
+
+    def signalled_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives as the write begins
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(client, "log_batch", signalled_write)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        logger = MetricLogger(run_id, flush_every=1000)
+        for step in range(50):
+            logger.log(step, loss=1.0 / (step + 1))
+        with pytest.raises(Stopped):
+            logger.flush()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    end_run(run_id, "KILLED")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(50))  # the write finished
+
+
 def test_unsent_metrics_resent_after_they_arrived_are_kept_once(run_id):
     """What a resumed stage does with the list its checkpoint kept: some of it reached MLflow before the kill."""
     logger = MetricLogger(run_id, flush_every=None)
