@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from models.palm import PaLM
+from models.ppo import gather_logprobs
 from models.reward import RewardModel, rating_targets, score_to_rating
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks.config import RewardConfig
@@ -61,6 +62,38 @@ def score_rows(rm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Te
     return torch.cat(out) if out else torch.zeros(0)
 
 
+@torch.no_grad()
+def mean_loglik(palm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
+    """The base model's mean log-likelihood per response token of each fitted (prompt, response) row."""
+    was_training, out = palm.training, []
+    palm.eval()
+    for i in range(0, len(rows), batch):
+        ids, mask, pmask = (t.to(device) for t in dialogue_batch(rows[i:i + batch], pad_id))
+        logp = gather_logprobs(palm(ids[:, :-1], mask=mask[:, :-1]), ids[:, 1:])
+        response = (mask & ~pmask)[:, 1:].float()
+        out.append(((logp * response).sum(-1) / response.sum(-1).clamp(min=1)).cpu())
+    palm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def heldout_pairs(feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale) -> tuple[list, list]:
+    """The held-out (chosen, rejected) rows: the pairs themselves, or pairs of ratings a clear margin apart."""
+    if feedback.kind != "ratings":
+        return [f[0] for f in heldout[FITTED]], [f[1] for f in heldout[FITTED]]
+    pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin * (scale[1] - scale[0]) / 4, seed=config.seed)
+    fitted = {(p, r): f for p, r, f in zip(heldout["prompt"], heldout["response"], heldout[FITTED])}
+    return ([fitted[(p, c)] for p, c in zip(pairs["prompt"], pairs["chosen"])],
+            [fitted[(p, r)] for p, r in zip(pairs["prompt"], pairs["rejected"])])
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """The share of pairs whose chosen side scores higher, a tie counting half; NaN without pairs (every held-out
+    rating tied: undefined, and said so rather than inventing a number)."""
+    if not len(chosen):
+        return float("nan")
+    return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
+
+
 def heldout_metrics(rm, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale,
                     context: int, pad_id: int, device) -> dict[str, float]:
     metrics = {}
@@ -69,20 +102,20 @@ def heldout_metrics(rm, feedback: PreparedFeedback, heldout: pd.DataFrame, confi
         ratings = score_to_rating(scores, scale, config.model.num_binned_output)
         truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
         metrics["heldout_rating_rmse"] = float(((ratings - truth) ** 2).mean().sqrt())
-        pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin * (scale[1] - scale[0]) / 4, seed=config.seed)
-        fitted = {(p, r): f for p, r, f in zip(heldout["prompt"], heldout["response"], heldout[FITTED])}
-        chosen = [fitted[(p, c)] for p, c in zip(pairs["prompt"], pairs["chosen"])]
-        rejected = [fitted[(p, r)] for p, r in zip(pairs["prompt"], pairs["rejected"])]
-    else:
-        pairs = heldout
-        chosen, rejected = [f[0] for f in heldout[FITTED]], [f[1] for f in heldout[FITTED]]
-    if len(pairs):
-        metrics["heldout_pair_accuracy"] = float((score_rows(rm, chosen, pad_id, device) >
-                                                  score_rows(rm, rejected, pad_id, device)).float().mean())
-    else:  # every held-out rating tied: accuracy is undefined, and says so rather than inventing a number
-        metrics["heldout_pair_accuracy"] = float("nan")
-    metrics["heldout_pairs"] = float(len(pairs))
+    chosen, rejected = heldout_pairs(feedback, heldout, config, scale)
+    metrics["heldout_pair_accuracy"] = pair_accuracy(score_rows(rm, chosen, pad_id, device),
+                                                     score_rows(rm, rejected, pad_id, device))
+    metrics["heldout_pairs"] = float(len(chosen))
     return metrics
+
+
+def likelihood_pair_accuracy(palm, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale,
+                             pad_id: int, device) -> float:
+    """How well the base model's own mean log-likelihood ranks the held-out pairs: near 1, the preference is one the
+    pretrained model already has (sharpening it, e.g. a lower temperature, gets most of the way); near 0.5, it is
+    new to the model, and only learning it (RLHF) can follow it."""
+    chosen, rejected = heldout_pairs(feedback, heldout, config, scale)
+    return pair_accuracy(mean_loglik(palm, chosen, pad_id, device), mean_loglik(palm, rejected, pad_id, device))
 
 
 def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, scale, pad_id: int, device):
@@ -105,7 +138,8 @@ class RewardFitting:
     standardises with."""
 
     shown = ("loss", "heldout_pair_accuracy")
-    may_be_nan = frozenset({"heldout_pair_accuracy"})  # undefined when every held-out rating ties
+    # undefined when every held-out rating ties
+    may_be_nan = frozenset({"heldout_pair_accuracy", "likelihood_pair_accuracy"})
 
     def __init__(self, config: RewardConfig, pretrained: ModelInput, feedback: PreparedFeedback, source: dict,
                  prompts: dict | None):
@@ -164,6 +198,9 @@ class RewardFitting:
                 scores = score_rows(self.rm, _all_rows(self.train_rows, self.feedback.kind), self.pad_id, self.device)
             self.records["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
             finite_or_raise("the mean reward-model score", self.records["score_norm"]["mean"])
+            with parallel.gathered(self.batch_loss):
+                metrics["likelihood_pair_accuracy"] = likelihood_pair_accuracy(
+                    self.rm.palm, self.feedback, self.heldout, cfg, self.scale, self.pad_id, self.device)
             metrics.update(self.feedback.stats)  # what reading the feedback took, once, with the final numbers
         return metrics
 
@@ -189,7 +226,7 @@ class RewardFitting:
         log_scored_examples(run.run_id, scorer, self.heldout.head(16), self.feedback.kind, self.pad_id, device)
         headline = {"heldout_pair_accuracy": float("nan")}  # stays NaN when no held-out pair exists (all ratings tied)
         headline.update({k: v for k, v in metrics.items()
-                         if k.startswith(("heldout_", "feedback.")) or k == "loss"})
+                         if k.startswith(("heldout_", "feedback.")) or k in ("loss", "likelihood_pair_accuracy")})
         return headline
 
 
