@@ -12,8 +12,8 @@ import json
 import typing
 from typing import Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 from models.palm import PaLMConfig
 from models.ppo import PPOConfig as PPOAlgorithm
@@ -200,7 +200,14 @@ class PPOConfig(_Config):
     rollout_batch: PositiveInt = 32
     minibatch_size: PositiveInt = 16
     # PPO's own hyperparameters (models.ppo.PPOConfig): kl_coef, clip_eps, ppo_epochs, gamma, lam, dense_rewards, ...
-    algorithm: PPOAlgorithm = PPOAlgorithm(ppo_epochs=2, kl_coef=0.15)
+    # The KL budget: the coefficient adapts toward kl_target nats per answer (Ziegler et al. 2019), moving by up to
+    # 20% x rollout_batch / kl_horizon per step. Set adaptive_kl=false for a fixed kl_coef.
+    algorithm: PPOAlgorithm = PPOAlgorithm(ppo_epochs=2, kl_coef=0.15, adaptive_kl=True, kl_target=6.0,
+                                           kl_horizon=320)
+    # the reward PPO sees is held within this many standard deviations of the reward model's training responses'
+    # scores: past them the reward model is guessing, and a policy paid for going there learns to game it. None:
+    # unbounded.
+    reward_bound: PositiveFloat | None = 3.0
     actor_lr: PositiveFloat = 1e-3
     critic_lr: PositiveFloat = 1e-3
     actor_lora: bool = True
@@ -228,8 +235,24 @@ class EvalConfig(_Config):
     num_prompts: PositiveInt = 64
     prompt_chars: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
-    temperature: PositiveFloat = 1.0
+    temperature: PositiveFloat = 1.0  # every policy's, and the baseline every win rate is against: pretrained at it
     n_values: list[PositiveInt] = [1, 4, 16]
+    # what a user could do without RLHF: the pretrained policy sampled at these temperatures too ("pretrained_t070"
+    # is T = 0.70), each with baseline_samples answers per prompt
+    temperatures: list[PositiveFloat] = [0.7, 0.85]
+    baseline_samples: PositiveInt = 4
+    # the frontier: this many of the PPO run's checkpoints (evenly spaced) measured too, baseline_samples each
+    frontier_checkpoints: NonNegativeInt = 4
+    # the alarms (tasks/evaluation/alarms.py): collapse below these shares of the pretrained policy's distinct-2 and
+    # entropy, or one answer above this share of all; runaway past kl_factor x the PPO run's KL budget, or a reward
+    # model score this many standard deviations past its training responses'; hacking when the oracle falls this
+    # share of its scale below its best while the reward model's score rises
+    alarm_diversity: float = Field(0.5, ge=0, le=1)
+    alarm_entropy: float = Field(0.25, ge=0, le=1)
+    alarm_same_answer: float = Field(0.25, gt=0, le=1)
+    alarm_kl_factor: PositiveFloat = 2.0
+    alarm_reward_sd: PositiveFloat = 4.0
+    alarm_oracle_drop: float = Field(0.1, gt=0, le=1)
     num_examples: PositiveInt = 8  # sample generations logged for people to read
     seed: int = 0
     runtime: Runtime = Runtime()
@@ -266,7 +289,8 @@ def tiny() -> PipelineConfig:
                             model=RewardModelConfig(lora_r=4, head="per-token", head_hidden=64), steps=8, batch_size=8,
                             checkpoint_every=4),
         ppo=PPOConfig(num_prompts=16, prompt_chars=16, max_new_tokens=12, steps=4, rollout_batch=4, minibatch_size=4,
-                      algorithm=PPOAlgorithm(ppo_epochs=1, kl_coef=0.15), lora_r=4, checkpoint_every=2),
+                      algorithm=PPOAlgorithm(ppo_epochs=1, kl_coef=0.15, adaptive_kl=True, kl_target=6.0,
+                                             kl_horizon=320), lora_r=4, checkpoint_every=2),
         eval=EvalConfig(num_prompts=4, prompt_chars=16, max_new_tokens=12, n_values=[1, 4, 16], num_examples=2),
     )
 

@@ -7,6 +7,8 @@ same thing whatever scale the reward head happened to learn.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -15,7 +17,10 @@ from models.training import capture_rng, restore_rng
 from tasks.config import PPOConfig
 from tasks.data.files import text_digest
 from tasks.data.prompts import make_prompts, read_prompts
-from tasks.data.tokens import check_prompts_fit, encode_prompts, fit_prompts
+from tasks.data.tokens import check_prompts_fit, encode_prompts, fit_prompts, never_sampled
+from tasks.evaluation.alarms import Limits, Watch
+from tasks.evaluation.metrics import distinct_n, top_answer_share
+from tasks.evaluation.sampling import answer_ids
 from tasks.runtime import parallel
 from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimizer_state_dict, train
 from tasks.runtime.orchestration import compute_task
@@ -28,30 +33,44 @@ from tasks.tracking.artifacts import log_curves, log_text_dataset
 from tasks.tracking.samples import log_samples
 
 MODEL_NAME = "palm-policy"
+log = logging.getLogger(__name__)
 
 
 class StandardisedReward(nn.Module):
-    """(score - mean) / std of a reward model, with the statistics stored in its checkpoint."""
+    """(score - mean) / std of a reward model, with the statistics stored in its checkpoint, held within +-`bound`
+    standard deviations (None: unbounded): past the responses it was fitted on the reward model is guessing, and a
+    policy paid for reaching there learns to game it. Each call keeps its unbounded mean (`last_unbounded`) for the
+    run's alarms."""
 
-    def __init__(self, reward_model: nn.Module, mean: float, std: float):
+    def __init__(self, reward_model: nn.Module, mean: float, std: float, bound: float | None = None):
         super().__init__()
-        self.reward_model, self.mean, self.std = reward_model, mean, std
+        self.reward_model, self.mean, self.std, self.bound = reward_model, mean, std, bound
+        self.last_unbounded = float("nan")
 
     @property
     def dense(self) -> bool:
         return getattr(self.reward_model, "dense", False)
 
     def score(self, x, mask=None, prompt_mask=None):
-        return (self.reward_model.score(x, mask=mask, prompt_mask=prompt_mask) - self.mean) / self.std
+        score = (self.reward_model.score(x, mask=mask, prompt_mask=prompt_mask) - self.mean) / self.std
+        self.last_unbounded = float(score.float().mean())
+        return score if self.bound is None else score.clamp(-self.bound, self.bound)
 
     def token_rewards(self, x, mask=None, prompt_mask=None):
-        """Per-token shares of the standardised score: each row sums to score()."""
-        return self.reward_model.token_rewards(x, mask=mask, prompt_mask=prompt_mask, baseline=self.mean) / self.std
+        """Per-token shares of the standardised score: each row sums to score() (bounded: the shares scaled
+        together)."""
+        shares = self.reward_model.token_rewards(x, mask=mask, prompt_mask=prompt_mask, baseline=self.mean) / self.std
+        total = shares.sum(-1, keepdim=True)
+        self.last_unbounded = float(total.float().mean())
+        if self.bound is None:
+            return shares
+        bounded = total.clamp(-self.bound, self.bound)
+        return torch.where(total.abs() > self.bound, shares * (bounded / total), shares)
 
 
-def load_standardised_reward(reward: ModelInput, device) -> StandardisedReward:
+def load_standardised_reward(reward: ModelInput, device, bound: float | None = None) -> StandardisedReward:
     norm = reward.manifest.get("score_norm") or {"mean": 0.0, "std": 1.0}
-    return StandardisedReward(load_reward_model(reward, device), norm["mean"], norm["std"])
+    return StandardisedReward(load_reward_model(reward, device), norm["mean"], norm["std"], bound)
 
 
 def policy_model_config(pretrained: ModelInput, config: PPOConfig) -> dict:
@@ -61,10 +80,11 @@ def policy_model_config(pretrained: ModelInput, config: PPOConfig) -> dict:
 
 def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, device) -> RLHFTrainer:
     torch.manual_seed(config.seed)  # the LoRA initialisation
-    trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu"),
+    trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu", config.reward_bound),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
                           critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed,
-                          pad_value=pretrained.tokenizer.pad_id)
+                          pad_value=pretrained.tokenizer.pad_id,
+                          suppress_tokens=never_sampled(pretrained.tokenizer, pretrained.palm_config["num_tokens"]))
     return trainer.to(device)
 
 
@@ -78,14 +98,15 @@ def check_policy_finite(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Ten
 
 
 def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config: PPOConfig,
-             averager: parallel.GradientAverager | None, eos_token: int) -> dict[str, float]:
-    """One PPO iteration. Across ranks, each samples and scores its share of the rollouts from its own stream, the
-    KL controller moves on the mean KL over all of them, and the update averages gradients (`averager`), so every
-    rank applies the same update. Not the one-process numbers: advantages are whitened per rank, and the samples
-    differ."""
+             averager: parallel.GradientAverager | None, eos_token: int):
+    """One PPO iteration: (its statistics, its rollouts). Across ranks, each samples and scores its share of the
+    rollouts from its own stream, the KL controller moves on the mean KL over all of them, and the update averages
+    gradients (`averager`), so every rank applies the same update. Not the one-process numbers: advantages are
+    whitened per rank, and the samples differ."""
     if averager is None:
-        return trainer.step(ids, mask, config.max_new_tokens, minibatch_size=config.minibatch_size,
-                            temperature=config.temperature, eos_token=eos_token)
+        exp, stats = trainer.rollout(ids, mask, config.max_new_tokens, temperature=config.temperature,
+                                     eos_token=eos_token)
+        return {**stats, **trainer.learn([exp], config.minibatch_size)}, exp
     seed = int(torch.randint(0, 2**62, (1,), generator=trainer.data_generator))  # a stream saved with checkpoints
     trainer.generators()["sample"].manual_seed(seed + parallel.rank())
     kl_before = trainer.kl.state_dict()
@@ -95,7 +116,20 @@ def ppo_step(trainer: RLHFTrainer, ids: torch.Tensor, mask: torch.Tensor, config
     trainer.kl.update(stats["kl"], config.rollout_batch)
     learned = trainer.learn([exp], config.minibatch_size // parallel.world())
     averager.check()
-    return {**stats, **parallel.mean(learned)}
+    return {**stats, **parallel.mean(learned)}, exp
+
+
+def budget(config: PPOConfig) -> dict:
+    """What keeps the policy where the reward model knows the ground, as the run records it (the evaluation's
+    runaway alarm reads it): the KL target per answer when the coefficient adapts, and the reward bound."""
+    algorithm = config.algorithm
+    return {"kl_target": algorithm.kl_target if algorithm.adaptive_kl else None, "reward_bound": config.reward_bound,
+            "max_new_tokens": config.max_new_tokens}
+
+
+def watch_limits(config: PPOConfig) -> Limits:
+    return Limits(kl_budget=budget(config)["kl_target"],
+                  reward_sd=None if config.reward_bound is None else config.reward_bound + 1.0)
 
 
 class PPOTraining:
@@ -126,6 +160,9 @@ class PPOTraining:
             self.trainer.optimizer.load_state_dict(optimizer_state_dict(resumed.state))
             self.trainer.kl.load_state_dict(resumed.state["kl"])
             restore_rng(resumed.state, self.trainer.generators())
+        self.watch = Watch(watch_limits(self.config), log)
+        if resumed is not None and "watch" in resumed.state:
+            self.watch.load_state_dict(resumed.state["watch"])
         self.clock = Throughput()
 
     def describe(self, step: int) -> str:
@@ -136,15 +173,26 @@ class PPOTraining:
         idx = torch.randint(0, len(self.prompts), (cfg.rollout_batch,), generator=self.trainer.data_generator)
         ids, mask = encode_prompts([self.prompts[i] for i in parallel.shard(idx).tolist()], self.tokenizer)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        stats = ppo_step(self.trainer, ids, mask, cfg, self.averager, self.tokenizer.eos_id)
+        stats, exp = ppo_step(self.trainer, ids, mask, cfg, self.averager, self.tokenizer.eos_id)
         check_finite(stats)  # a number that went wrong says so before the weights it came from are looked at
         check_policy_finite(self.trainer, ids, mask)
+        stats.update(self.signals(step, stats, exp))
         return {**stats, "tokens_per_s": self.clock.rate(stats["response_length"] * cfg.rollout_batch)}
+
+    def signals(self, step: int, stats: dict[str, float], exp) -> dict[str, float]:
+        """The rollouts' diversity and the reward model's unbounded score, and the alarms on them."""
+        T = exp.num_actions
+        answers = answer_ids(exp.sequences[:, -T:].cpu(), exp.action_mask.cpu(), self.tokenizer.eos_id)
+        found = {"distinct_2": distinct_n(answers, 2), "same_answer": top_answer_share([[str(a) for a in answers]]),
+                 "reward_unbounded": self.trainer.reward_model.last_unbounded}
+        found.update(self.watch.check(step, stats["kl"], found["reward_unbounded"], found["distinct_2"],
+                                      stats["entropy"], found["same_answer"]))
+        return found
 
     def checkpoint(self) -> dict:
         trainer, pretrained, reward = self.trainer, self.pretrained, self.reward
         state = {**optimizer_state(trainer.optimizer), **capture_rng(trainer.generators()),
-                 "kl": trainer.kl.state_dict()}
+                 "kl": trainer.kl.state_dict(), "watch": self.watch.state_dict()}
         return dict(weights=trainer.actor_critic.state_dict(), state=state, kind="policy",
                     model_config=policy_model_config(pretrained, self.config),
                     parents=[{"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
@@ -153,6 +201,7 @@ class PPOTraining:
                     extra={"reference_policy": {"uri": pretrained.checkpoint_uri, "digest": pretrained.digest},
                            # the reward model a served policy bundles for best-of-n
                            "reward_model": {"uri": reward.checkpoint_uri, "digest": reward.digest},
+                           "budget": budget(self.config),
                            "tokenizer": pretrained.manifest["tokenizer"]},
                     files={TOKENIZER_FILE: self.tokenizer.to_file()})
 
@@ -162,7 +211,8 @@ class PPOTraining:
         ac = self.trainer.actor_critic
         log_samples(run.run_id, ac.palm, self.tokenizer, scope=ac.actor_scope, device=run.device,
                     max_new_tokens=self.config.max_new_tokens, prompts=self.prompts[:4], seed=self.config.seed)
-        return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length") if k in metrics}
+        return {k: metrics[k] for k in ("reward", "kl", "kl_per_token", "entropy", "response_length", "distinct_2",
+                                        "reward_unbounded", "alarm", "kl_coef") if k in metrics}
 
 
 def load_ppo_prompts(config: PPOConfig, upstream: Upstream, reward: ModelInput | None,

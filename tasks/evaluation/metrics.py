@@ -12,9 +12,12 @@ import math
 import torch
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct word n-grams over all n-grams in the samples (Li et al. 2016): 1.0 is no repetition at all."""
-    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+def distinct_n(sequences: list, n: int) -> float:
+    """Distinct n-grams over all n-grams in the samples (Li et al. 2016): 1.0 is no repetition at all, 0 is one
+    n-gram said over and over (or answers shorter than n). Over token ids (any language, any tokenizer: the
+    evaluation's and PPO's diversity), or over words when given strings."""
+    seqs = [s.split() if isinstance(s, str) else list(s) for s in sequences]
+    grams = [tuple(seq[i:i + n]) for seq in seqs for i in range(len(seq) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -52,3 +55,14 @@ def best_of_n_kl_bound(n: int) -> float:
     """KL of best-of-n sampling to its base policy, bounded by log n - (n - 1) / n nats (Stiennon et al. 2020;
     Beirami et al. 2024 show it is an upper bound)."""
     return math.log(n) - (n - 1) / n
+
+
+def top_answer_share(texts: list[list[str]]) -> float:
+    """The share of all answers (every prompt's) that are the single most common answer: near 0 for a policy that
+    answers each prompt its own way, high for one that says the same thing whatever it is asked."""
+    counts: dict[str, int] = {}
+    for row in texts:
+        for text in row:
+            counts[text] = counts.get(text, 0) + 1
+    total = sum(counts.values())
+    return max(counts.values()) / total if total else 0.0

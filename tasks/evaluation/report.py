@@ -26,20 +26,43 @@ def results_table(metrics: dict[str, float], policies: list[str], n_values: list
     return pd.DataFrame(rows)
 
 
-def table_rows(metrics: dict[str, float]) -> list[dict]:
-    """The Prefect table artifact's rows, from metric names like reward_mean.ppo.best_of_16."""
+def comparison_rows(metrics: dict[str, float], policies: list[str], n_values: list[int]) -> list[str]:
+    """Every policy compared, in reading order: each baseline or policy, followed by best-of-n on it where measured."""
     rows = []
-    for key, value in metrics.items():
-        match = re.fullmatch(r"reward_mean\.(\w+)\.best_of_(\d+)", key)
-        if match:
-            policy, n = match.groups()
-            row = {"policy": policy, "n": int(n), "reward_mean": round(value, 3)}
-            if f"oracle_mean.{policy}.best_of_{n}" in metrics:
-                row["oracle_mean"] = round(metrics[f"oracle_mean.{policy}.best_of_{n}"], 3)
-            row.update(kl_per_token=round(metrics[f"kl_per_token.{policy}"], 4),
-                       distinct_2=round(metrics[f"distinct_2.{policy}"], 3))
-            rows.append(row)
-    return sorted(rows, key=lambda r: (r["policy"], r["n"]))
+    for p in policies:
+        rows.append(p)
+        rows += [f"{p}.best_of_{n}" for n in n_values if n > 1 and f"reward_mean.{p}.best_of_{n}" in metrics]
+    return rows
+
+
+def comparison_table(metrics: dict[str, float], policies: list[str], n_values: list[int]) -> pd.DataFrame:
+    """What RLHF bought against what a user could do without it: one row per policy (temperature baselines and
+    best-of-n included) with the oracle's rating, the reward model's score, KL to the pretrained policy (for best-of-n
+    the chosen answers' own plus the analytic bound), length, diversity, and the win rate against the pretrained
+    policy with its 95% interval."""
+    out = []
+    for name in comparison_rows(metrics, policies, n_values):
+        row = {"policy": name}
+        if f"oracle_mean.{name}" in metrics:
+            row["oracle"] = metrics[f"oracle_mean.{name}"]
+        row.update({"reward": metrics[f"reward_mean.{name}"], "kl": metrics[f"kl.{name}"],
+                    "kl_bound": metrics.get(f"kl_bound.{name}", 0.0),
+                    "kl_per_token": metrics[f"kl_per_token.{name}"], "length": metrics[f"response_length.{name}"],
+                    "distinct_2": metrics[f"distinct_2.{name}"], "win_rate": metrics[f"win_rate.{name}"],
+                    "win_rate_ci_low": metrics[f"win_rate.{name}.ci_low"],
+                    "win_rate_ci_high": metrics[f"win_rate.{name}.ci_high"]})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def table_rows(metrics: dict[str, float]) -> list[dict]:
+    """The Prefect table artifact's rows: the comparison table, rounded, for every policy the metrics name."""
+    policies = [k.split(".", 1)[1] for k in metrics if k.startswith("reward_mean.") and k.count(".") == 1
+                and k != "reward_mean.best_temperature"]
+    n_values = sorted({int(m.group(1)) for k in metrics for m in [re.search(r"\.best_of_(\d+)$", k)] if m})
+    frame = comparison_table(metrics, policies, n_values)
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
 
 
 def rating_plot(table: pd.DataFrame):
@@ -78,8 +101,10 @@ def length_plot(samples: dict[str, Samples], max_new_tokens: int):
     return fig
 
 
-def report_text(metrics: dict[str, float], policies: list[str], oracle: str | None, judge: str) -> str:
-    """The evaluation in a few lines, for the run's artifacts and the Prefect log."""
+def report_text(metrics: dict[str, float], policies: list[str], n_values: list[int], oracle: str | None, judge: str,
+                notes: list[str]) -> str:
+    """The evaluation in a few lines, for the run's artifacts and the Prefect log: the comparison table, the best
+    temperature, the alarm and the promotion decision (`notes`)."""
     lines = ["# Evaluation", ""]
     if oracle is None:
         lines += ["No oracle: the feedback is yours and no rater was given (eval.labeler), so no star ratings are "
@@ -87,13 +112,24 @@ def report_text(metrics: dict[str, float], policies: list[str], oracle: str | No
                   "PPO optimised, so read it with care), KL to the pretrained policy, lengths and diversity.", ""]
     else:
         lines += [f"Oracle: `{oracle}`, a rater no model was trained on.", ""]
-    lines += [f"| policy | win rate vs pretrained ({judge}) | 95% interval | reward | KL/token | length | stopped | "
-              "distinct-2 |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for p in policies:
-        lines.append(f"| {p} | {metrics[f'win_rate.{p}']:.3f} | [{metrics[f'win_rate.{p}.ci_low']:.3f}, "
-                     f"{metrics[f'win_rate.{p}.ci_high']:.3f}] | {metrics[f'reward_mean.{p}']:.3f} | "
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    has_oracle = f"oracle_mean.{policies[0]}" in metrics
+    lines += [f"| policy | {'oracle | ' if has_oracle else ''}reward | KL (nats/answer) | KL/token | length | stopped | "
+              f"distinct-2 | win rate vs pretrained ({judge}) | 95% interval |",
+              "|---|" + ("---:|" * (8 if has_oracle else 7)) + "---|"]
+    for p in comparison_rows(metrics, policies, n_values):
+        bound = f" (bound {metrics[f'kl_bound.{p}']:.2f})" if f"kl_bound.{p}" in metrics else ""
+        lines.append(f"| {p} | " + (f"{metrics[f'oracle_mean.{p}']:.3f} | " if has_oracle else "")
+                     + f"{metrics[f'reward_mean.{p}']:.3f} | {metrics[f'kl.{p}']:.2f}{bound} | "
                      f"{metrics[f'kl_per_token.{p}']:.4f} | {metrics[f'response_length.{p}']:.1f} | "
-                     f"{metrics[f'stopped.{p}']:.2f} | {metrics[f'distinct_2.{p}']:.3f} |")
+                     f"{metrics[f'stopped.{p}']:.2f} | {metrics[f'distinct_2.{p}']:.3f} | "
+                     f"{metrics[f'win_rate.{p}']:.3f} | [{metrics[f'win_rate.{p}.ci_low']:.3f}, "
+                     f"{metrics[f'win_rate.{p}.ci_high']:.3f}] |")
+    best = metrics["best_temperature"]
+    lines += ["", f"Best temperature baseline: T = {best:g}"
+              + (f", oracle {metrics['oracle_mean.best_temperature']:.3f}" if "oracle_mean.best_temperature" in metrics
+                 else f", reward {metrics['reward_mean.best_temperature']:.3f}")
+              + f"; PPO reached {metrics['oracle_mean.ppo' if has_oracle else 'reward_mean.ppo']:.3f}."]
     return "\n".join(lines) + "\n"
 
 

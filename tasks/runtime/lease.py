@@ -33,8 +33,10 @@ class RunLease:
     abandoned and taken over, so a crash never blocks the rerun that resumes it.
     """
 
-    def __init__(self, prefix: str, stage: str):
+    def __init__(self, prefix: str, stage: str, waiting: str | None = None):
         self.uri, self.stage = join_uri(prefix, LEASE_FILE), stage
+        # what the log says the holder is doing while this one waits
+        self.waiting = waiting or "is running it with the same configuration and inputs"
         self.holder = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="run-lease", daemon=True)
@@ -51,8 +53,8 @@ class RunLease:
                 remove_file(self.uri)
                 continue
             if not told:
-                log.warning("stage %s: %s (pid %s) is running it with the same configuration and inputs; waiting for "
-                            "it to finish, to reuse its result", self.stage, current.get("host"), current.get("pid"))
+                log.warning("stage %s: %s (pid %s) %s; waiting for it to finish", self.stage, current.get("host"),
+                            current.get("pid"), self.waiting)
                 told = True
             time.sleep(LEASE_POLL_S)
         _HELD.add(self.holder["owner"])

@@ -121,7 +121,14 @@ def test_registry_lineage_tags_and_aliases(first_run, local_tracking):
     assert tags["checkpoint_digest"] == first_run["ppo"]["digest"]
     assert tags["data.prompts"].startswith("sha256:") and tags["code_version"] and tags["prefect.flow_run_id"]
     assert get_alias("palm-policy", "candidate") == first_run["ppo"]["model_version"]
-    assert get_alias("palm-policy", "champion") == first_run["ppo"]["model_version"]  # the first one wins
+    # the first policy is no longer champion by default: only if it beat the pretrained policy, as its tags say
+    assert tags["promotion.decision"] in ("promoted", "kept") and tags["promotion.judge"] == "oracle"
+    champion = get_alias("palm-policy", "champion")
+    if tags["promotion.decision"] == "promoted":
+        assert champion == first_run["ppo"]["model_version"] and tags["promotion.replaced"] == "none"
+        assert float(tags["promotion.interval_vs_pretrained"].strip("[]").split(",")[0]) > 0.5
+    else:
+        assert champion is None and "does not beat the pretrained policy" in tags["promotion.reason"]
 
     text = format_lineage(lineage("models:/palm-policy@candidate"))
     assert "palm-pretrained" in text and "palm-reward" in text
@@ -144,10 +151,11 @@ def test_ppo_only_change_reuses_pretraining_and_reward_model(first_run, home, lo
 
 
 # The tiny run is too small for the built-in rater (its answers all get 1 star) and its LoRA policy too weak to move
-# in four PPO steps. This run rates letters instead, fits the reward model longer, and fine-tunes the whole policy.
+# in four PPO steps. This run rates letters instead, fits the reward model longer, and fine-tunes the whole policy,
+# within the default KL budget (at kl_coef=0.01 and lr 0.01 it collapses, is flagged, and is rightly not promoted).
 LEARNABLE = ["reward.labeler=tests.flows.raters:Letters", "eval.labeler=tests.flows.raters:Letters",
              "reward.steps=40", "reward.num_prompts=32", "reward.samples_per_prompt=4",
-             "ppo.steps=30", "ppo.actor_lora=false", "ppo.ppo_epochs=4", "ppo.actor_lr=0.01", "ppo.kl_coef=0.01"]
+             "ppo.steps=30", "ppo.actor_lora=false", "ppo.ppo_epochs=4", "ppo.actor_lr=0.003"]
 
 
 def test_ppo_moves_the_policy_toward_what_the_rater_prefers(home, tmp_path):
@@ -162,13 +170,15 @@ def test_ppo_moves_the_policy_toward_what_the_rater_prefers(home, tmp_path):
     # ... because PPO raised the reward model's score, which is what it optimises, paying KL for it
     assert evaluation["reward_mean.ppo"] > evaluation["reward_mean.pretrained"]
     assert evaluation["kl_per_token.ppo"] > 0.1, evaluation["kl_per_token.ppo"]
-    assert evaluation["promoted"] == 1.0
+    # ... without collapsing or running away, so it beat the pretrained policy on the oracle and became champion
+    assert evaluation["hacking_flag"] == 0.0 and evaluation["distinct_2.ppo"] > 0.5 * evaluation["distinct_2.pretrained"]
+    assert evaluation["win_rate.ppo.ci_low"] > 0.5 and evaluation["promoted"] == 1.0
 
 
 def test_stage_rerun_from_registry_uris(first_run, home, local_tracking):
     root, env = home
-    done = cli(["stage", "ppo", "--pretrained", "models:/palm-pretrained@champion",
-                "--reward-model", "models:/palm-reward@champion", "--preset", "tiny", "--set", "ppo.seed=7",
+    done = cli(["stage", "ppo", "--pretrained", "models:/palm-pretrained@candidate",
+                "--reward-model", "models:/palm-reward@candidate", "--preset", "tiny", "--set", "ppo.seed=7",
                 "--summary", str(root / "stage.json")], env, root)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((root / "stage.json").read_text())["ppo"]

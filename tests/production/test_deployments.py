@@ -148,10 +148,11 @@ def test_scheduled_pipeline_run_is_started_by_the_worker_and_registers_models(sc
 
 @pytest.fixture(scope="module")
 def stage_rerun(scheduled_run, worker, production):
-    """PPO alone through its deployment, on the champions of the moment, with a seed no earlier run used."""
+    """PPO alone through its deployment, on the newest candidates, with a seed no earlier run used (the tiny
+    policy is never good enough to be champion: the gate keeps it out)."""
     from prefect.deployments import run_deployment
 
-    inputs = {"pretrained": "models:/palm-pretrained@champion", "reward_model": "models:/palm-reward@champion"}
+    inputs = {"pretrained": "models:/palm-pretrained@candidate", "reward_model": "models:/palm-reward@candidate"}
     pinned = {role: resolve_model_uri(uri)["version"] for role, uri in inputs.items()}
     config = tiny().ppo.model_copy(update={"seed": 7}).model_dump(mode="json")
     with production.api():

@@ -4,7 +4,7 @@ One rerun is the pipeline's own pretraining stage (same config, same inputs: the
 different seed. Whoever holds a run key's lease trains it; the identical rerun waits and reuses that result, so there
 is one set of checkpoints, one MLflow run and one model version for the run key. The different run keeps its own.
 `candidate` ends on the newest version, and `champion` moves only if the pipeline's evaluation says its policy won,
-which it says exactly when the policy's mean reward beats the champion's.
+which it says exactly when the champion gate's evidence (tasks/evaluation/promotion.py) says so.
 
 So that the wait is certain rather than a matter of timing, the test holds the run key's lease itself until both
 identical runs are seen waiting on it; then the one that gets it next trains, and the other waits on that one.
@@ -79,11 +79,13 @@ def race(tmp_path_factory, s3_server, mlflow_server, prefect_server):
 def pretrain_prefix() -> str:
     """Where the pipeline's pretraining (and the identical rerun) keep their checkpoints and lease."""
     from tasks.config import apply_overrides, tiny
-    from tasks.pretrain import load_corpus
+    from tasks.data.tokenizer import digest
+    from tasks.pretrain import plan_corpus
     from tasks.runtime.stage import run_key, stage_prefix
 
     config = apply_overrides(tiny(), SETTINGS).pretrain
-    return stage_prefix("pretrain", run_key("pretrain", config, {"corpus": load_corpus(config).digest}))
+    _, corpus, tokenizer = plan_corpus(config)
+    return stage_prefix("pretrain", run_key("pretrain", config, {"corpus": corpus, "tokenizer": digest(tokenizer)}))
 
 
 def wait_for_waiters(root: Path, started: dict) -> None:
@@ -140,10 +142,14 @@ def test_candidate_is_the_newest_and_champion_moves_only_on_an_eval_win(race):
     assert get_alias("palm-pretrained", CANDIDATE) == str(newest)
     metrics = pipeline["eval"]["metrics"]
     won = metrics["promoted"] == 1.0
-    if champions_before["palm-policy"] is None:  # nothing to beat: the first policy wins
-        assert won and "reward_mean.champion" not in metrics
-    else:  # the decision: the policy's mean reward against the champion's, on the same prompts and reward model
-        assert won == (metrics["reward_mean.ppo"] > metrics["reward_mean.champion"]), metrics
+    # the gate: no alarm, and a win rate whose 95% interval lies above one half against the pretrained policy (on
+    # the oracle: the tiny preset's feedback is simulated) and against the champion when there is one
+    beats = metrics["win_rate.ppo.ci_low"] > 0.5 and metrics["hacking_flag"] == 0.0
+    if champions_before["palm-policy"] is not None:
+        beats = beats and metrics["win_rate.ppo_vs_champion.ci_low"] > 0.5
+    assert won == beats, metrics
+    version = tracking.get_client().get_model_version("palm-policy", pipeline["ppo"]["model_version"])
+    assert version.tags["promotion.decision"] == ("promoted" if won else "kept")
     for stage, name in MODELS.items():
         expected = pipeline[stage]["model_version"] if won else champions_before[name]
         assert get_alias(name, CHAMPION) == expected, name
