@@ -279,6 +279,15 @@ def demo() -> PipelineConfig:
     return PipelineConfig()
 
 
+def demo_hard() -> PipelineConfig:
+    """The demo's model and budget with a rater whose taste the base model lacks (`builtin:a-to-m`: the share of
+    real words that begin with a to m, tasks/data/labeler.py): its likelihood ranks the held-out pairs near chance,
+    and no sampling temperature buys the stars, so what PPO gains is what RLHF taught it."""
+    config = demo()
+    config.reward.labeler = "builtin:a-to-m"
+    return config
+
+
 def tiny() -> PipelineConfig:
     """Seconds per stage on CPU: for tests and smoke runs. Numbers mean nothing at this size."""
     model = PaLMConfig(num_tokens=BYTES_VOCAB, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=96)
@@ -295,7 +304,7 @@ def tiny() -> PipelineConfig:
     )
 
 
-PRESETS = {"demo": demo, "tiny": tiny}
+PRESETS = {"demo": demo, "demo-hard": demo_hard, "tiny": tiny}
 
 
 def preset(name: str) -> PipelineConfig:

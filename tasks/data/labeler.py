@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 MIN_RATING, MAX_RATING = 1.0, 5.0
-BUILTIN_LABELERS = ("builtin:real-words",)
+BUILTIN_LABELERS = ("builtin:real-words", "builtin:a-to-m")
 _NON_LETTERS = re.compile(r"[^a-z]+")
 # Single letters are nearly always variable names or fragments of broken words; only these are words.
 _ONE_LETTER_WORDS = frozenset({"a", "i"})
@@ -104,22 +104,71 @@ class RealWordsLabeler:
         return math.floor(stars * 2 + 0.5) / 2  # half stars, halves up (round() would round 2.25 down)
 
 
-def load_labeler(spec: str, corpus_text: str) -> Labeler:
-    """A labeler from its spec: "builtin:real-words" (vocabulary from ``corpus_text``) or "package.module:attr".
+class FirstLettersLabeler(RealWordsLabeler):
+    """Rates which real words a response uses: the more of them begin with a letter from a to m, the better.
 
-    The built-in rater knows every word the corpus uses (min_count 1: what the pretrained model could have learnt)
-    and is strict (floor 0.5): half the words misspelt is 1 star, which spreads the ratings of a small model's
-    English-looking text over the whole scale.
+    Rater instruction: read the response only. Split it into words as for the real-words rater and keep the real
+    ones (in the vocabulary; a last word cut off by the length limit counts when it begins a vocabulary word). With
+    fewer than ``min_words`` real words, give 1 star. Otherwise give 1 + 4 x (share of the real words that begin
+    with a to m) stars, rounded to the nearest half star (halves up); a word counts toward the share at most
+    ``max_repeats`` times ("and and and and" is half a-to-m). Words that are not real neither help nor hurt.
+
+    It is a taste a language model does not learn from text: what makes a response likely (real, common words, in
+    an order the corpus uses) is what it shares with every other response, and which half of the alphabet its words
+    start with is not. "the", "to", "of", "that" and "was" begin in the second half; "and", "a", "in", "is", "it",
+    "he", "for" and "had" in the first.
+    """
+
+    LETTERS = frozenset("abcdefghijklm")
+
+    @property
+    def identity(self) -> str:
+        return "a-to-m/" + super().identity
+
+    def shares(self, response: str) -> tuple[int, float]:
+        """(the number of real words, the share of them beginning with a to m, repeats capped)."""
+        tokens = words(response)
+        cut_off = response[-1:].isascii() and response[-1:].isalpha()
+        seen: collections.Counter = collections.Counter()
+        real = early = 0
+        for i, w in enumerate(tokens):
+            if w not in (self._prefixes if cut_off and i == len(tokens) - 1 else self.vocabulary):
+                continue
+            seen[w] += 1
+            real += 1
+            early += w[0] in self.LETTERS and seen[w] <= self.max_repeats
+        return real, early / real if real else 0.0
+
+    def score(self, prompt: str, response: str) -> float:
+        return self.shares(response)[1]
+
+    def rate(self, prompt: str, response: str) -> float:
+        real, share = self.shares(response)
+        if real < self.min_words:
+            return MIN_RATING
+        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * share
+        return math.floor(stars * 2 + 0.5) / 2
+
+
+def load_labeler(spec: str, corpus_text: str) -> Labeler:
+    """A labeler from its spec: "builtin:real-words", "builtin:a-to-m" (vocabulary from ``corpus_text``) or
+    "package.module:attr".
+
+    The built-in raters know every word the corpus uses (min_count 1: what the pretrained model could have learnt).
+    real-words is strict (floor 0.5): half the words misspelt is 1 star, which spreads the ratings of a small model's
+    English-looking text over the whole scale. a-to-m (the demo-hard preset's) rates which real words are used.
 
     ``attr`` may be a labeler object, or a class or factory that is called with no arguments.
     """
     if spec == "builtin:real-words":
         return RealWordsLabeler.from_corpus(corpus_text, min_count=1, floor=0.5)
+    if spec == "builtin:a-to-m":
+        return FirstLettersLabeler.from_corpus(corpus_text, min_count=1)
     if spec.startswith("builtin:"):
         raise LabelerError(f"unknown labeler {spec!r}; built-in labelers: {', '.join(BUILTIN_LABELERS)}")
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise LabelerError(f"labeler spec {spec!r} must be 'builtin:real-words' or 'package.module:attr'")
+        raise LabelerError(f"labeler spec {spec!r} must be one of {', '.join(BUILTIN_LABELERS)} or 'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -5,7 +5,8 @@ import pytest
 
 from tasks.data.corpus import builtin_corpus
 from tasks.data.prompts import make_prompts
-from tasks.data.labeler import Labeler, LabelerError, RealWordsLabeler, load_labeler, rate_all, words
+from tasks.data.labeler import (FirstLettersLabeler, Labeler, LabelerError, RealWordsLabeler, load_labeler, rate_all,
+                                words)
 
 VOCAB = ["the", "cat", "sat", "on", "mat", "a", "dog"]
 
@@ -97,8 +98,8 @@ def test_load_custom_labeler_class_factory_or_instance(tmp_path, monkeypatch):
     "spec, message",
     [
         ("no_such_module_xyz:Rater", "cannot import module 'no_such_module_xyz'"),
-        ("just-a-name", "must be 'builtin:real-words' or 'package.module:attr'"),
-        ("builtin:typo", "unknown labeler 'builtin:typo'; built-in labelers: builtin:real-words"),
+        ("just-a-name", "must be one of builtin:real-words, builtin:a-to-m or 'package.module:attr'"),
+        ("builtin:typo", "unknown labeler 'builtin:typo'; built-in labelers: builtin:real-words, builtin:a-to-m"),
     ],
 )
 def test_bad_labeler_specs_are_named(spec, message):
@@ -150,3 +151,32 @@ def test_builtin_labeler_is_strict_and_names_what_it_depends_on():
 ])
 def test_a_word_cut_off_by_the_length_limit_counts_when_it_begins_a_real_word(response, stars):
     assert RealWordsLabeler(VOCAB).rate("", response) == stars
+
+
+A_TO_M_VOCABULARY = ["the", "cat", "and", "a", "dog", "is", "in", "it", "to", "of", "was", "that", "he", "had"]
+
+
+@pytest.mark.parametrize(
+    "response, stars",
+    [
+        ("the cat and a dog", 4.0),  # 4 of 5 real words begin a-m: 1 + 4 x 0.8 = 4.2 -> 4
+        ("and a cat is", 5.0),  # all four
+        ("to of the was that", 1.0),  # none
+        ("the dog was in it", 3.5),  # 3 of 5: 1 + 2.4 = 3.4 -> 3.5
+        ("and and and and a", 3.5),  # "and" counts twice: (2 + 1) of 5 = 0.6 -> 3.4 -> 3.5
+        ("xq zz and", 1.0),  # one real word: under min_words
+        ("xq zz and a it to", 4.0),  # non-words neither help nor hurt: 3 of 4 -> 4.0
+        ("the cat and a dogg", 4.0),  # "dogg" begins no real word and is left out: 3 of 4 -> 4.0
+        ("the cat and a do", 4.0),  # "do" begins "dog": 4 of 5
+    ],
+)
+def test_a_to_m_rater_by_hand(response, stars):
+    labeler = FirstLettersLabeler(A_TO_M_VOCABULARY)
+    assert labeler.rate("any prompt", response) == stars
+
+
+def test_a_to_m_is_builtin_and_told_apart_from_real_words_in_cache_keys():
+    corpus = " ".join(A_TO_M_VOCABULARY)
+    hard, easy = load_labeler("builtin:a-to-m", corpus), load_labeler("builtin:real-words", corpus)
+    assert isinstance(hard, FirstLettersLabeler) and hard.identity != easy.identity
+    assert hard.rate("", "to of the was that") == 1.0 and easy.rate("", "to of the was that") == 5.0
