@@ -171,8 +171,9 @@ class PaLM(nn.Module):
         return [p for name, p in self.named_parameters() if not name.startswith("finetune_modules.")]
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, return_loss: bool = False, mask: Tensor | None = None, finetune_scope: str | None = None,
-                return_only_embedding: bool = False, extra_embed: Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, x: Tensor, return_loss: bool = False, mask: Tensor | None = None,
+                finetune_scope: str | None = None, return_only_embedding: bool = False,
+                extra_embed: Tensor | None = None, cache: KVCache | None = None,
                 positions: Tensor | None = None, causal: bool | None = None, return_embedding_and_logits: bool = False,
                 dropout: float = 0.0):
         """x: (b, n) token ids. mask: (b, n) True for real tokens (False = padding); with a cache it covers cache + x.

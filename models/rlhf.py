@@ -52,8 +52,9 @@ class RLHFTrainer:
     the KL from the policy that sampled the rollouts, see ppo_update), AdamW's `betas` and the weight decays
     `actor_wd` / `critic_wd`, the LoRA ranks `actor_lora_r` / `critic_lora_r`, and `actor_dropout` /
     `critic_dropout` while training. `suppress_tokens`: ids the policy never samples (its padding, ids beyond its
-    tokenizer's vocabulary), left out of every log-prob PPO takes. Keywords that cannot apply (REFUSED) raise a TypeError saying why. Keywords
-    left out keep this design's defaults, which differ from the reference's where PPOConfig says so.
+    tokenizer's vocabulary), left out of every log-prob PPO takes. Keywords that cannot apply (REFUSED) raise a
+    TypeError saying why. Keywords left out keep this design's defaults, which differ from the reference's where
+    PPOConfig says so.
     """
 
     def __init__(self, *, palm: PaLM, reward_model: RewardModel, prompt_token_ids: Tensor | list[Tensor] | None = None,

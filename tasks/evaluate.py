@@ -64,7 +64,8 @@ def eval_prompts(config: EvalConfig, upstream: Upstream,
             "corpus:heldout")
 
 
-def eval_oracle(config: EvalConfig, upstream: Upstream, simulated_with: str | None) -> tuple[Labeler | None, str | None]:
+def eval_oracle(config: EvalConfig, upstream: Upstream,
+                simulated_with: str | None) -> tuple[Labeler | None, str | None]:
     """The oracle and its spec: eval.labeler; else the rater that simulated the reward model's feedback
     (`simulated_with`); else none."""
     spec = config.labeler or simulated_with
@@ -199,8 +200,8 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
             metrics.update(best_of_n_metrics(name, *arms[name], *base, config.n_values, norm))
         metrics.update(best_temperature(config, metrics, judge))
         if champion is not None:
-            metrics.update(paired_win("win_rate.ppo_vs_champion", *[arms[n][1] if oracle is not None else arms[n][0].scores
-                                                              for n in ("ppo", "champion")]))
+            judged = [arms[n][1] if oracle is not None else arms[n][0].scores for n in ("ppo", "champion")]
+            metrics.update(paired_win("win_rate.ppo_vs_champion", *judged))
 
         run_points = []  # the PPO run: its checkpoints on the same prompts, then the policy itself
         for i, checkpoint in enumerate(frontier_checkpoints(policy, config.frontier_checkpoints)):
@@ -279,6 +280,7 @@ def eval_task(config: EvalConfig, pretrained: str, reward_model: str, policy: st
     result = run_eval(config, pretrained, reward_model, policy, parent_run_id=parent_run_id)
     create_table_artifact(table_rows(result.metrics), key="palm-rlhf-eval-results",
                           description="held-out prompts: the PPO policy against the pretrained one at several "
-                                      "temperatures and best-of-n; oracle rating (when there is an oracle), reward-model "
-                                      "score, KL, length, diversity, win rate against the pretrained policy [95% CI]")
+                                      "temperatures and best-of-n; oracle rating (when there is an oracle), "
+                                      "reward-model score, KL, length, diversity, win rate against the pretrained "
+                                      "policy [95% CI]")
     return result

@@ -80,7 +80,8 @@ def policy_model_config(pretrained: ModelInput, config: PPOConfig) -> dict:
 
 def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, device) -> RLHFTrainer:
     torch.manual_seed(config.seed)  # the LoRA initialisation
-    trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"), reward_model=load_standardised_reward(reward, "cpu", config.reward_bound),
+    trainer = RLHFTrainer(palm=load_palm(pretrained, "cpu"),
+                          reward_model=load_standardised_reward(reward, "cpu", config.reward_bound),
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
                           critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed,
                           pad_value=pretrained.tokenizer.pad_id,

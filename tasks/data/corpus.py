@@ -151,7 +151,8 @@ def _text_file(fs, path: str, shown: str) -> Iterator[tuple[str, bool]]:
             if not chunk:
                 break
             if len(buffer) > PIECE_CHARS:  # a long document: hand on its whole lines, keep a marker's worth back
-                cut = buffer.rfind("\n", 0, len(buffer) - len(DOCUMENT_MARKER)) + 1 or len(buffer) - len(DOCUMENT_MARKER)
+                keep = len(buffer) - len(DOCUMENT_MARKER)
+                cut = buffer.rfind("\n", 0, keep) + 1 or keep
                 yield buffer[:cut], False
                 buffer = buffer[cut:]
     yield buffer, True

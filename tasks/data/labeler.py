@@ -168,7 +168,8 @@ def load_labeler(spec: str, corpus_text: str) -> Labeler:
         raise LabelerError(f"unknown labeler {spec!r}; built-in labelers: {', '.join(BUILTIN_LABELERS)}")
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise LabelerError(f"labeler spec {spec!r} must be one of {', '.join(BUILTIN_LABELERS)} or 'package.module:attr'")
+        raise LabelerError(f"labeler spec {spec!r} must be one of {', '.join(BUILTIN_LABELERS)} or "
+                           "'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -28,7 +28,8 @@ def powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
 
-def best_of_n_curve(name: str, scores: torch.Tensor, kl: torch.Tensor, ratings: torch.Tensor | None) -> list[FrontierPoint]:
+def best_of_n_curve(name: str, scores: torch.Tensor, kl: torch.Tensor,
+                    ratings: torch.Tensor | None) -> list[FrontierPoint]:
     """Best-of-n on one policy's samples (p, N) for n = 1, 2, 4, ...: its KL is the chosen answers' own KL to the
     reference plus the bound best-of-n adds."""
     points = []

@@ -114,8 +114,8 @@ def report_text(metrics: dict[str, float], policies: list[str], n_values: list[i
         lines += [f"Oracle: `{oracle}`, a rater no model was trained on.", ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
     has_oracle = f"oracle_mean.{policies[0]}" in metrics
-    lines += [f"| policy | {'oracle | ' if has_oracle else ''}reward | KL (nats/answer) | KL/token | length | stopped | "
-              f"distinct-2 | win rate vs pretrained ({judge}) | 95% interval |",
+    lines += [f"| policy | {'oracle | ' if has_oracle else ''}reward | KL (nats/answer) | KL/token | length | "
+              f"stopped | distinct-2 | win rate vs pretrained ({judge}) | 95% interval |",
               "|---|" + ("---:|" * (8 if has_oracle else 7)) + "---|"]
     for p in comparison_rows(metrics, policies, n_values):
         bound = f" (bound {metrics[f'kl_bound.{p}']:.2f})" if f"kl_bound.{p}" in metrics else ""

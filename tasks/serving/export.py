@@ -62,12 +62,12 @@ def write_bundle(checkpoint_uri: str, folder: Path, digest: str | None = None) -
         files[WEIGHTS] = safetensors.torch.save({k: v.contiguous() for k, v in policy.state_dict().items()})
         reward = manifest.get("reward_model")
         if reward is None:
-            raise CheckpointError(f"policy {redact_uri(checkpoint_uri)} does not record the reward model it was trained "
-                                  "against: it cannot serve best-of-n")
+            raise CheckpointError(f"policy {redact_uri(checkpoint_uri)} does not record the reward model it was "
+                                  "trained against: it cannot serve best-of-n")
         files[REWARD_WEIGHTS], reward_manifest = weights_file(reward["uri"])
         if reward_manifest["digest"] != reward["digest"]:
-            raise CheckpointError(f"the reward model at {redact_uri(reward['uri'])} changed since the policy was trained "
-                                  f"against it ({reward['digest']} -> {reward_manifest['digest']})")
+            raise CheckpointError(f"the reward model at {redact_uri(reward['uri'])} changed since the policy was "
+                                  f"trained against it ({reward['digest']} -> {reward_manifest['digest']})")
         info["reward"] = _reward_info(reward_manifest)
         info["reward"]["source"] = {"checkpoint_uri": redact_uri(reward["uri"]), "digest": reward["digest"]}
         info["defaults"] = {"max_new_tokens": manifest["stage_config"].get("max_new_tokens", 64)}

@@ -46,8 +46,8 @@ def _download_bundle(uri: str) -> Path:
     source = f"models:/{info['name']}/{info['version']}"
     version = f"{info['name']} version {info['version']}"
     if not info.get("model_id"):
-        raise BundleError(f"{uri}: {version} points at a checkpoint but holds no MLflow model (registered before models "
-                          f"were logged with versions): rerun its stage, or pass its checkpoint URI "
+        raise BundleError(f"{uri}: {version} points at a checkpoint but holds no MLflow model (registered before "
+                          f"models were logged with versions): rerun its stage, or pass its checkpoint URI "
                           f"{info['checkpoint_uri']}")
     root = get_client().get_logged_model(info["model_id"]).artifact_location.rstrip("/")
     folder = Path(tempfile.mkdtemp(prefix="palm-rlhf-model-"))

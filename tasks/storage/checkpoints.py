@@ -304,7 +304,7 @@ def _build_manifest(files, step, kind, model_config, stage_config, parents, data
     for parent in parents:
         if isinstance(parent, CheckpointRef):
             parent = {"uri": parent.uri, "digest": parent.digest}
-        if not (isinstance(parent, dict) and isinstance(parent.get("uri"), str) and isinstance(parent.get("digest"), str)):
+        if not (isinstance(parent, dict) and all(isinstance(parent.get(k), str) for k in ("uri", "digest"))):
             raise CheckpointError(f"parents: each entry needs a str 'uri' and 'digest', got {parent!r}")
         links.append({**parent, "uri": redact_uri(parent["uri"])})
     data = dict(data or {})
