@@ -300,7 +300,8 @@ def tiny() -> PipelineConfig:
         ppo=PPOConfig(num_prompts=16, prompt_chars=16, max_new_tokens=12, steps=4, rollout_batch=4, minibatch_size=4,
                       algorithm=PPOAlgorithm(ppo_epochs=1, kl_coef=0.15, adaptive_kl=True, kl_target=6.0,
                                              kl_horizon=320), lora_r=4, checkpoint_every=2),
-        eval=EvalConfig(num_prompts=4, prompt_chars=16, max_new_tokens=12, n_values=[1, 4, 16], num_examples=2),
+        eval=EvalConfig(num_prompts=4, prompt_chars=16, max_new_tokens=12, n_values=[1, 4, 16], num_examples=2,
+                        temperatures=[0.7], baseline_samples=2, frontier_checkpoints=2),
     )
 
 

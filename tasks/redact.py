@@ -49,9 +49,19 @@ def environment_secrets() -> list[str]:
     """Values of secret-looking environment variables (AWS keys, tokens), to scrub from free text."""
     return [
         value
-        for name, value in os.environ.items()
+        for name, value in _environment()
         if _is_secret_name(name) and len(value) >= 6 and not name.startswith(("PALM_RLHF_", "PYTEST"))
     ]
+
+
+def _environment() -> list[tuple[str, str]]:
+    """The environment's items. Another thread may unset a variable while they are read (MLflow's telemetry thread
+    does), and os.environ.items() then raises KeyError for it: read again."""
+    while True:
+        try:
+            return list(os.environ.items())
+        except KeyError:
+            continue
 
 
 def redact(text: str) -> str:

@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 
 from models.palm import PaLM
-from models.ppo import gather_logprobs
 from models.reward import RewardModel, rating_targets, score_to_rating
 from models.training import capture_rng, finite_or_raise, lr_at, restore_rng, set_lr, train_step
 from tasks.config import RewardConfig
@@ -69,7 +68,8 @@ def mean_loglik(palm, rows: list, pad_id: int, device, batch: int = 64) -> torch
     palm.eval()
     for i in range(0, len(rows), batch):
         ids, mask, pmask = (t.to(device) for t in dialogue_batch(rows[i:i + batch], pad_id))
-        logp = gather_logprobs(palm(ids[:, :-1], mask=mask[:, :-1]), ids[:, 1:])
+        logits = palm(ids[:, :-1], mask=mask[:, :-1]).float()
+        logp = logits.log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # each next token's
         response = (mask & ~pmask)[:, 1:].float()
         out.append(((logp * response).sum(-1) / response.sum(-1).clamp(min=1)).cpu())
     palm.train(was_training)

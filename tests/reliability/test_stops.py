@@ -22,7 +22,7 @@ from tasks.storage.checkpoints import latest_checkpoint
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).parents[2]
-STEPS, EVERY, STOP_AFTER = 400, 50, 100
+STEPS, EVERY, STOP_AFTER = 200, 50, 100
 COMMAND = ["stage", "pretrain", "--preset", "tiny", "--set", f"pretrain.steps={STEPS}",
            "--set", f"pretrain.checkpoint_every={EVERY}", "--set", f"pretrain.eval_every={EVERY}"]
 
