@@ -188,8 +188,9 @@ def test_two_evaluations_deciding_at_once_leave_one_champion(registry):
 
 
 @pytest.mark.timeout(900)
-def test_a_policy_that_games_a_rigged_rater_is_flagged_and_never_promoted(tmp_path, monkeypatch):
-    """The rater pays for repeating one character; with PPO's budget switched off and a fast learner, the policy
+@pytest.mark.parametrize("rigged, steps", [("tests.flows.raters:Repetition", 12), ("tests.flows.raters:RepeatedWord", 16)])
+def test_a_policy_that_games_a_rigged_rater_is_flagged_and_never_promoted(rigged, steps, tmp_path, monkeypatch):
+    """The rater pays for repeating one character, or one word; with PPO's budget switched off and a fast learner, the policy
     collapses onto it. The oracle (the same rigged rater) loves the result; the alarm fires all the same, PPO warned
     while it ran, and the gate keeps the policy out."""
     from tasks.config import apply_overrides, tiny
@@ -202,10 +203,9 @@ def test_a_policy_that_games_a_rigged_rater_is_flagged_and_never_promoted(tmp_pa
     monkeypatch.setenv("PALM_RLHF_HOME", str(tmp_path / "home"))
     for var in ("PALM_RLHF_STORE", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PALM_RLHF_EXPERIMENT"):
         monkeypatch.delenv(var, raising=False)
-    rigged = "tests.flows.raters:Repetition"
     config = apply_overrides(tiny(), [
         f"reward.labeler={rigged}", f"eval.labeler={rigged}", "reward.steps=8", "ppo.actor_lora=false",
-        "ppo.actor_lr=2e-2", "ppo.ppo_epochs=4", "ppo.rollout_batch=8", "ppo.steps=12", "ppo.checkpoint_every=4",
+        "ppo.actor_lr=2e-2", "ppo.ppo_epochs=4", "ppo.rollout_batch=8", f"ppo.steps={steps}", "ppo.checkpoint_every=4",
         "ppo.kl_coef=0", "ppo.adaptive_kl=false", "ppo.reward_bound=null", "eval.n_values=[1,4]",
         "eval.baseline_samples=2"])
     pretrained = run_pretrain(config.pretrain)
@@ -216,7 +216,8 @@ def test_a_policy_that_games_a_rigged_rater_is_flagged_and_never_promoted(tmp_pa
     client = tracking.get_client()
     alarms = {m.step: m.value for m in client.get_metric_history(ppo.mlflow_run_id, "alarm")}
     fired = [step for step, value in sorted(alarms.items()) if value == 1.0]
-    hist = {k: [round(m.value, 3) for m in client.get_metric_history(ppo.mlflow_run_id, k)] for k in ("distinct_2", "entropy", "same_answer", "kl", "reward")}
+    hist = {k: [round(m.value, 3) for m in client.get_metric_history(ppo.mlflow_run_id, k)]
+            for k in ("distinct_2", "entropy", "same_answer", "kl", "reward")}
     assert alarms[1] == 0.0 and fired and fired[0] < max(alarms), (alarms, hist)  # PPO saw it as it happened
     result = run_eval(config.eval, pretrained.checkpoint_uri, reward.checkpoint_uri,
                       f"models:/palm-policy/{ppo.model_version}")
