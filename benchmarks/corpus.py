@@ -83,6 +83,17 @@ def generate(root: Path, gigabytes: float) -> Path:
     return folder
 
 
+# what a later stage does with the corpus text it got (`text`, timed from `start`), the same in the new and old code
+_PROMPTS_AND_RATER = """
+read = time.perf_counter()
+prompts = make_prompts(text, 2048, 32, split="train", seed=0)
+cut = time.perf_counter()
+rater = load_labeler("builtin:real-words", text)
+done = time.perf_counter()
+print(json.dumps({"seconds": done - start, "read_seconds": read - start, "prompts_seconds": cut - read,
+                  "rater_seconds": done - cut, "prompts": len(prompts), "text_chars": len(text)}))
+"""
+
 PREPARE = """
 import json, sys, time
 import numpy as np
@@ -110,14 +121,7 @@ from tasks.storage.inputs import corpus_sample
 record = json.loads(sys.argv[1])
 start = time.perf_counter()
 text, _ = corpus_sample(SimpleNamespace(manifest={"corpus": record}, ref="bench"))  # the recorded sample
-read = time.perf_counter()
-prompts = make_prompts(text, 2048, 32, split="train", seed=0)
-cut = time.perf_counter()
-rater = load_labeler("builtin:real-words", text)
-done = time.perf_counter()
-print(json.dumps({"seconds": done - start, "read_seconds": read - start, "prompts_seconds": cut - read,
-                  "rater_seconds": done - cut, "prompts": len(prompts), "text_chars": len(text)}))
-"""
+""" + _PROMPTS_AND_RATER
 
 OLD_PREPARE = """
 import json, sys, time
@@ -139,14 +143,7 @@ from tasks.storage.inputs import training_corpus
 start = time.perf_counter()
 text, _ = training_corpus(SimpleNamespace(manifest={"corpus": {"uri": sys.argv[1], "digest": sys.argv[2]}},
                                           ref="bench"))  # the whole corpus again, re-hashed
-read = time.perf_counter()
-prompts = make_prompts(text, 2048, 32, split="train", seed=0)
-cut = time.perf_counter()
-rater = load_labeler("builtin:real-words", text)
-done = time.perf_counter()
-print(json.dumps({"seconds": done - start, "read_seconds": read - start, "prompts_seconds": cut - read,
-                  "rater_seconds": done - cut, "prompts": len(prompts), "text_chars": len(text)}))
-"""
+""" + _PROMPTS_AND_RATER
 
 
 PEAK = """

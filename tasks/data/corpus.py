@@ -125,15 +125,19 @@ def _pieces(document: str) -> Iterator[tuple[str, bool]]:
     yield document, True
 
 
-def _text_file(fs, path: str, shown: str) -> Iterator[tuple[str, bool]]:
-    """A UTF-8 text file, decoded as it streams; `<|endoftext|>` ends a document, and so does the file's end."""
-    decoder, buffer, offset = codecs.getincrementaldecoder("utf-8")("strict"), "", 0
+def _open(fs, path: str, shown: str):
     try:
-        f = fs.open(path, "rb")
+        return fs.open(path, "rb")
     except FileNotFoundError:
         raise CorpusError(f"file not found: {shown}") from None
     except Exception as exc:
         raise unreadable(shown, exc, CorpusError) from None
+
+
+def _text_file(fs, path: str, shown: str) -> Iterator[tuple[str, bool]]:
+    """A UTF-8 text file, decoded as it streams; `<|endoftext|>` ends a document, and so does the file's end."""
+    decoder, buffer, offset = codecs.getincrementaldecoder("utf-8")("strict"), "", 0
+    f = _open(fs, path, shown)
     with f:
         while True:
             try:
@@ -160,12 +164,7 @@ def _text_file(fs, path: str, shown: str) -> Iterator[tuple[str, bool]]:
 
 def _table_rows(fs, path: str, shown: str, text_column: str) -> Iterator[str]:
     """The text column of a Parquet or JSON-lines table, a batch of rows at a time; empty cells skipped."""
-    try:
-        f = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise CorpusError(f"file not found: {shown}") from None
-    except Exception as exc:
-        raise unreadable(shown, exc, CorpusError) from None
+    f = _open(fs, path, shown)
     with f:
         try:
             if suffix(path) == ".parquet":
