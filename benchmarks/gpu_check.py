@@ -76,7 +76,7 @@ def pretrain_throughput(size: dict, batches: list[int], device, amp, steps: int,
             sync(device)
             seconds = time.perf_counter() - began
         except torch.OutOfMemoryError:
-            del model, optimizer
+            model = optimizer = step = None  # free the batch that did not fit before trying the next
             torch.cuda.empty_cache()
             continue
         n = sum(p.numel() for p in model.parameters())
@@ -88,7 +88,6 @@ def pretrain_throughput(size: dict, batches: list[int], device, amp, steps: int,
                "final_loss": stats["loss"]}
         if device.type == "cuda":
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        del model, optimizer
         return out
     raise RuntimeError(f"no batch in {batches} fits")
 

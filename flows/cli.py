@@ -1,10 +1,10 @@
 """`palm-rlhf`: run the pipeline, run one stage, or trace a model's lineage.
 
-    palm-rlhf run [--preset tiny|demo] [--set stage.key=value ...] [--summary FILE]
+    palm-rlhf run [--preset demo|demo-hard|tiny] [--set stage.key=value ...] [--summary FILE]
     palm-rlhf stage NAME [--pretrained URI] [--reward-model URI] [--policy URI] [--preset] [--set] [--summary]
     palm-rlhf lineage MODEL_URI
     palm-rlhf generate MODEL_URI [PROMPT ...] [--num-samples N] [--max-new-tokens N] [--temperature T] [--top-k K]
-                       [--seed S] [--json] [--input FILE_URL --output FILE_URL]
+                       [--seed S] [--sampling-precision auto|fp32|bf16] [--json] [--input FILE_URL --output FILE_URL]
 
 Errors are one line on stderr and a non-zero exit: 2 for bad input (settings, data, URIs, a damaged checkpoint), 1 for
 anything else (an outage, after its retries); 130 after Ctrl-C, 143 after SIGTERM (tasks/runtime/errors.py).
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="demo", help="tiny (seconds per stage) or demo (minutes; default)")
+        p.add_argument("--preset", default="demo", help="demo (minutes; default), demo-hard or tiny (seconds per stage)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                        help="override a setting, e.g. --set ppo.kl_coef=0.2 (repeatable)")
         p.add_argument("--summary", type=Path, help="write the stage results as JSON to this file")
@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy")
     generate.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
     generate.add_argument("--seed", type=int, help="the same seed and request give the same answers (default 0)")
+    generate.add_argument("--sampling-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                          help="the writer's weights while answering (auto: bf16 on a GPU, fp32 on a CPU)")
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, completion, score")
     generate.add_argument("--input", metavar="FILE_URL", help="prompts from a JSONL/CSV/Parquet file (a `prompt` "
                           "column) or a text file, at any fsspec URL")
@@ -138,7 +140,7 @@ def _generate(args) -> int:
     GenerationParams.parse(asked)  # bad settings, prompts and output paths fail before the model is fetched
     check_output(args.output)
     prompts = request_prompts(args.prompts, args.input)
-    bundle = open_model(args.model_uri)
+    bundle = open_model(args.model_uri, sampling_precision=args.sampling_precision)
     params = GenerationParams.parse(asked, bundle.defaults)
     if args.input:  # a batch: show how far it is
         with progress_bar("generate", len(prompts)) as show:

@@ -17,7 +17,7 @@ from models.palm import PaLM
 from models.ppo import (PPOConfig, entropy_from_logits, gae, gather_logprobs, kl_penalty_rewards, masked_mean,
                         masked_whiten, policy_loss, value_loss)
 from models.reward import RewardModel
-from models.sampling import suppressed as suppressed_logits, token_ids
+from models.sampling import in_precision, suppressed as suppressed_logits, token_ids
 
 
 class ActorCritic(nn.Module):
@@ -174,16 +174,20 @@ def action_outputs(ac: ActorCritic, seq: Tensor, seq_mask: Tensor, T: int, *, wi
 def make_experience(ac: ActorCritic, reward_model: RewardModel, prompts: Tensor, prompt_mask: Tensor, *,
                     max_new_tokens: int, kl_coef: float, cfg: PPOConfig, temperature: float = 1.0,
                     eos_token: int | None = None, pad_value: int = 0,
-                    generator: torch.Generator | None = None, suppress_tokens=()) -> Experience:
+                    generator: torch.Generator | None = None, suppress_tokens=(),
+                    sample_dtype: torch.dtype | None = None) -> Experience:
     """Sample responses for a batch of left-padded prompts and score them.
 
     Rollouts sample from the full distribution (no top-k) at `temperature`, and every log-prob is of that
-    distribution, so the ratio PPO optimises is the sampling policy's own.
+    distribution, so the ratio PPO optimises is the sampling policy's own. `sample_dtype` (e.g. bf16) draws the tokens
+    from a copy of the policy in that precision; the old log-probs, values and KL still come from the policy as it
+    trains, so the importance ratio of the first update is exactly 1.
     """
     if not temperature > 0:
         raise ValueError(f"PPO samples from the policy: temperature must be above 0, got {temperature}")
     suppress_tokens = tuple(suppress_tokens or ())
-    gen = ac.palm.sample(prompts, prompt_mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
+    sampler = in_precision(ac.palm, sample_dtype)
+    gen = sampler.sample(prompts, prompt_mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
                          eos_token=eos_token, pad_value=pad_value, finetune_scope=ac.actor_scope,
                          generator=generator, suppress_tokens=suppress_tokens)
     seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]

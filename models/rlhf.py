@@ -52,9 +52,10 @@ class RLHFTrainer:
     the KL from the policy that sampled the rollouts, see ppo_update), AdamW's `betas` and the weight decays
     `actor_wd` / `critic_wd`, the LoRA ranks `actor_lora_r` / `critic_lora_r`, and `actor_dropout` /
     `critic_dropout` while training. `suppress_tokens`: ids the policy never samples (its padding, ids beyond its
-    tokenizer's vocabulary), left out of every log-prob PPO takes. Keywords that cannot apply (REFUSED) raise a
-    TypeError saying why. Keywords left out keep this design's defaults, which differ from the reference's where
-    PPOConfig says so.
+    tokenizer's vocabulary), left out of every log-prob PPO takes. `sample_dtype` (e.g. torch.bfloat16): rollouts
+    are drawn from a copy of the policy in that precision, their log-probs taken in the policy's own. Keywords that
+    cannot apply (REFUSED) raise a TypeError saying why. Keywords left out keep this design's defaults, which differ
+    from the reference's where PPOConfig says so.
     """
 
     def __init__(self, *, palm: PaLM, reward_model: RewardModel, prompt_token_ids: Tensor | list[Tensor] | None = None,
@@ -65,7 +66,8 @@ class RLHFTrainer:
                  minibatch_size: int | None = None, kl_div_loss_weight: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), actor_wd: float = 0.0, critic_wd: float = 0.0,
                  actor_lora_r: int | None = None, critic_lora_r: int | None = None, actor_dropout: float = 0.0,
-                 critic_dropout: float = 0.0, max_norm=_UNSET, suppress_tokens=(), **ppo_kwargs):
+                 critic_dropout: float = 0.0, max_norm=_UNSET, suppress_tokens=(),
+                 sample_dtype: torch.dtype | None = None, **ppo_kwargs):
         refused = [k for k in ppo_kwargs if k in REFUSED]
         if refused:
             raise TypeError("RLHFTrainer does not take " + "; ".join(f"{k}: {REFUSED[k]}" for k in refused))
@@ -91,6 +93,7 @@ class RLHFTrainer:
         self.kl = KLController(self.cfg.kl_coef, self.cfg.adaptive_kl, self.cfg.kl_target, self.cfg.kl_horizon)
         self.pad_value = pad_value
         self.suppress_tokens = tuple(int(t) for t in suppress_tokens)  # ids never sampled (padding, unused ids)
+        self.sample_dtype = sample_dtype  # rollouts drawn from a copy in this precision (None: the policy's own)
         # prompt choice and minibatch order on the CPU; token sampling on the model's device
         self.data_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator().manual_seed(seed + 1)
@@ -125,7 +128,8 @@ class RLHFTrainer:
         exp = make_experience(self.actor_critic, self.reward_model, prompts, prompt_mask,
                               max_new_tokens=max_new_tokens, kl_coef=self.kl.value, cfg=self.cfg,
                               temperature=temperature, eos_token=eos_token, pad_value=self.pad_value,
-                              generator=self.generators()["sample"], suppress_tokens=self.suppress_tokens)
+                              generator=self.generators()["sample"], suppress_tokens=self.suppress_tokens,
+                              sample_dtype=self.sample_dtype)
         stats = rollout_stats(exp)
         stats["kl_coef"] = self.kl.value
         self.kl.update(stats["kl"], exp.sequences.shape[0])

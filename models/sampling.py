@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -88,3 +89,13 @@ def sample_token(logits: Tensor, temperature: float, filter_thres: float | None,
     # operator calls than the draw itself at one token per step
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def in_precision(palm, dtype: torch.dtype | None):
+    """The model to sample from in `dtype`: `palm` itself when it already is in it (or dtype is None), otherwise a
+    copy cast to it, LoRA scopes included. The caller's model, and what it trains, stay as they are; log-probs that
+    an update needs come from the caller's model, in its own precision."""
+    weight = palm.token_emb.weight
+    if dtype is None or weight.dtype == dtype:
+        return palm
+    return copy.deepcopy(palm).to(dtype)

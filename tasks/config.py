@@ -37,6 +37,10 @@ class _Config(BaseModel):
 class Runtime(_Config):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda when there is one; cpu, cuda, cuda:1
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on CPU
+    # the weights tokens are drawn with (simulated feedback, PPO rollouts, evaluation): auto is bf16 on a GPU and fp32
+    # on a CPU, where bf16 sampling measured slower at every batch size (benchmarks/RESULTS.md). Training, log-probs,
+    # KL and scores stay in `precision`.
+    sampling_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Data-parallel training (tasks/runtime/launch.py): nproc_per_node processes on each of nnodes machines.
     nproc_per_node: PositiveInt = 1  # one per GPU
     nnodes: PositiveInt = 1

@@ -36,7 +36,7 @@ from tasks.evaluation.report import (comparison_table, examples_text, length_plo
                                      results_table, table_rows)
 from tasks.evaluation.sampling import sample_policy
 from tasks.runtime.orchestration import compute_task
-from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key
+from tasks.runtime.stage import CHAMPION, StageResult, mlflow_run, resolve_runtime, run_key, sampling_dtype
 from tasks.storage.checkpoints import list_checkpoints
 from tasks.storage.inputs import (InputError, ModelInput, Upstream, check_same_base, feedback_prompts, load_palm,
                                   load_policy, load_reward_model, resolve_input)
@@ -177,7 +177,7 @@ def run_eval(config: EvalConfig, pretrained_uri: str, reward_uri: str, policy_ur
         def measure(label: str, palm, scope, temperature: float, n: int):
             samples = sample_policy(palm, scope, reference, rm, tokenizer, prompts, samples=n,
                                     max_new_tokens=config.max_new_tokens, temperature=temperature, seed=config.seed,
-                                    device=device, label=label)
+                                    device=device, label=label, sample_dtype=sampling_dtype(config.runtime, device))
             if oracle is None:
                 return samples, None
             rated = rate_all(oracle, [p for p in prompts for _ in range(n)], samples.flat_texts)

@@ -19,6 +19,7 @@ import fsspec
 import pandas as pd
 import torch
 
+from models.sampling import in_precision
 from tasks.config import RewardConfig
 from tasks.data.labeler import labeler_identity, load_labeler, rate_all
 from tasks.data.prompts import make_prompts
@@ -69,8 +70,9 @@ def _made_by_other_code(prefix: str) -> dict | None:
 
 
 def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text: str, corpus_digest: str,
-                      device) -> dict[str, str]:
-    """Write ratings.parquet; returns its URI, digest and mean rating. Reused when already written."""
+                      device, sample_dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Write ratings.parquet; returns its URI, digest and mean rating. Reused when already written. The answers are
+    drawn in `sample_dtype` (None: fp32)."""
     labeler = load_labeler(config.labeler, corpus_text)
     prefix = feedback_prefix(pretrained, config, corpus_digest, labeler_identity(labeler, config.labeler))
     done = _done_marker(prefix)
@@ -82,7 +84,7 @@ def simulate_feedback(pretrained: ModelInput, config: RewardConfig, corpus_text:
     tokenizer = pretrained.tokenizer
     check_prompts_fit(prompts, tokenizer, pretrained.palm_config["max_seq_len"], config.response_tokens,
                       "reward.feedback")
-    palm = load_palm(pretrained, device).eval()
+    palm = in_precision(load_palm(pretrained, device).eval(), sample_dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rows_prompt, rows_response, rows_ids, rows_temperature = [], [], [], []
     temperatures = config.temperatures

@@ -24,7 +24,7 @@ from tasks.evaluation.sampling import answer_ids
 from tasks.runtime import parallel
 from tasks.runtime.loop import Throughput, check_finite, optimizer_state, optimizer_state_dict, train
 from tasks.runtime.orchestration import compute_task
-from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
+from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, sampling_dtype, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
 from tasks.storage.inputs import (TOKENIZER_FILE, ModelInput, Upstream, check_same_base, feedback_prompts, load_palm,
                                   load_reward_model, resolve_input)
@@ -85,7 +85,8 @@ def make_trainer(config: PPOConfig, pretrained: ModelInput, reward: ModelInput, 
                           actor_lr=config.actor_lr, critic_lr=config.critic_lr, actor_lora=config.actor_lora,
                           critic_lora=True, lora_r=config.lora_r, ppo=config.algorithm, seed=config.seed,
                           pad_value=pretrained.tokenizer.pad_id,
-                          suppress_tokens=never_sampled(pretrained.tokenizer, pretrained.palm_config["num_tokens"]))
+                          suppress_tokens=never_sampled(pretrained.tokenizer, pretrained.palm_config["num_tokens"]),
+                          sample_dtype=sampling_dtype(config.runtime, torch.device(device)))
     return trainer.to(device)
 
 

@@ -31,7 +31,7 @@ from tasks.redact import redact_uri
 from tasks.runtime import parallel
 from tasks.runtime.loop import Throughput, optimizer_state, optimizer_state_dict, train
 from tasks.runtime.orchestration import compute_task
-from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, stage_run
+from tasks.runtime.stage import StageResult, StageRun, resolve_runtime, sampling_dtype, stage_run
 from tasks.storage.checkpoints import Checkpoint, CheckpointRef
 from tasks.storage.inputs import TOKENIZER_FILE, ModelInput, Upstream, corpus_sample, load_palm, resolve_input
 from tasks.storage.store import create_file, join_uri
@@ -309,7 +309,8 @@ def run_reward(config: RewardConfig, pretrained_uri: str, *, parent_run_id: str 
     if feedback is None:
         sample, corpus_digest = corpus_sample(pretrained)
         device, _ = resolve_runtime(config.runtime)
-        simulated = simulate_feedback(pretrained, config, sample, corpus_digest, device)
+        simulated = simulate_feedback(pretrained, config, sample, corpus_digest, device,
+                                      sampling_dtype(config.runtime, device))
         feedback_uri = simulated["ratings_uri"]
         table = read_feedback(feedback_uri, rating_scale=(MIN_RATING, MAX_RATING), empty_responses=True)
         feedback = prepare_feedback(table, pretrained.tokenizer, pretrained.palm_config["max_seq_len"], "cut",

@@ -11,6 +11,7 @@ import torch
 from models.actor_critic import sampling_logits
 from models.palm import PaLM
 from models.ppo import entropy_from_logits, gather_logprobs
+from models.sampling import in_precision
 from tasks.data.tokenizer import Tokenizer
 from tasks.data.tokens import decode_responses, left_padded, never_sampled
 from tasks.runtime.progress import progress_bar
@@ -44,11 +45,14 @@ def answer_ids(tokens: torch.Tensor, mask: torch.Tensor, eos_id: int) -> list[li
 
 @torch.no_grad()
 def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer: Tokenizer, prompts: list[str], *,
-                  samples: int, max_new_tokens: int, temperature: float, seed: int, device, label: str) -> Samples:
+                  samples: int, max_new_tokens: int, temperature: float, seed: int, device, label: str,
+                  sample_dtype: torch.dtype | None = None) -> Samples:
     """`samples` answers per prompt at `temperature` (the full distribution, no top-k), until end-of-text or
-    `max_new_tokens`. The KL is the sampling distribution's (the tempered policy's) to the untempered reference."""
+    `max_new_tokens`, drawn in `sample_dtype` (None: the model's own). The KL is the sampling distribution's (the
+    tempered policy's) to the untempered reference, both in the model's own precision."""
     generator = torch.Generator(device=device).manual_seed(seed)
     banned = never_sampled(tokenizer, palm.config.num_tokens)
+    sampler = in_precision(palm, sample_dtype)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(samples)]
     texts, tokens, scores, kls, lengths, stopped, entropies = [], [], [], [], [], [], []
@@ -57,7 +61,7 @@ def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer:
             batch = rows[start:start + ROWS]
             ids, mask = left_padded([r for _, r in batch], tokenizer.pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            gen = palm.sample(ids, mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
+            gen = sampler.sample(ids, mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
                               finetune_scope=scope, generator=generator, eos_token=tokenizer.eos_id,
                               pad_value=tokenizer.pad_id, suppress_tokens=banned)
             seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]

@@ -119,6 +119,15 @@ def resolve_runtime(runtime: Runtime) -> tuple[torch.device, torch.dtype | None]
     return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
+def sampling_dtype(runtime: Runtime, device: torch.device) -> torch.dtype | None:
+    """The precision to draw tokens in (None: the model's own, fp32): runtime.sampling_precision, where "auto" is bf16
+    on a GPU and fp32 on a CPU."""
+    precision = runtime.sampling_precision
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def run_key(stage: str, config: BaseModel, inputs: dict[str, str | None], *, code: bool = True) -> str:
     """Digest of what determines a stage's output: its config (less runtime), its inputs' digests and its code's
     fingerprint (`code=False`: the data key, which runs of other code share)."""

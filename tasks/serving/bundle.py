@@ -86,8 +86,17 @@ def read_info(folder: str | Path) -> dict:
     return info
 
 
-def read_bundle(folder: str | Path, device: str | torch.device | None = None) -> Bundle:
-    """Load a served model's folder onto `device` (the GPU when there is one, by default), in eval mode."""
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def read_bundle(folder: str | Path, device: str | torch.device | None = None,
+                sampling_precision: str = "auto") -> Bundle:
+    """Load a served model's folder onto `device` (the GPU when there is one, by default), in eval mode. The writer
+    answers in `sampling_precision`: "auto" is bf16 on a GPU and fp32 on a CPU (where bf16 decoding measured slower,
+    benchmarks/RESULTS.md); a reward model always scores in fp32."""
+    if sampling_precision not in SAMPLING_PRECISIONS:
+        raise BundleError(f"sampling_precision must be one of {', '.join(SAMPLING_PRECISIONS)}, "
+                          f"got {sampling_precision!r}")
     folder = Path(folder)
     info = read_info(folder)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,6 +105,8 @@ def read_bundle(folder: str | Path, device: str | torch.device | None = None) ->
     bundle = Bundle(info["kind"], info, tokenizer, device, defaults=info.get("defaults", {}))
     if info["kind"] in ("palm", "policy"):
         bundle.palm = _module(PaLM.from_config(info["palm"]), _verified(folder, WEIGHTS, files[WEIGHTS]), device)
+        if sampling_precision == "bf16" or (sampling_precision == "auto" and device.type == "cuda"):
+            bundle.palm = bundle.palm.to(torch.bfloat16)  # it only samples: nothing trains or takes log-probs here
     reward = info.get("reward")
     if reward is not None:
         name = WEIGHTS if info["kind"] == "reward" else REWARD_WEIGHTS

@@ -117,7 +117,9 @@ def log_model(run_id: str, checkpoint_uri: str, digest: str, name: str) -> Logge
                     str(local), python_model=str(PYFUNC_CODE), artifacts={"bundle": str(bundle)},
                     code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
                     signature=signature(info["kind"], info.get("defaults", {})), pip_requirements=requirements(),
-                    mlflow_model=described)
+                    mlflow_model=described,
+                    # what a loader may override (load_model's model_config, MLFLOW_PYFUNC_INFERENCE_CONFIG)
+                    model_config={"sampling_precision": "auto"} if info["kind"] != "reward" else None)
             client.log_model_artifacts(model.model_id, str(local))
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     except BaseException:

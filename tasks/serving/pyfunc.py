@@ -3,6 +3,7 @@
     policy, pretrained   input: prompts (a list of strings, or a DataFrame with a `prompt` column)
                          output: one completion per prompt; with return_scores, a table of completion and score
                          params: max_new_tokens, temperature, top_k, num_samples (best-of-n), seed, return_scores
+                         model_config (at load): sampling_precision, auto | fp32 | bf16 (auto: bf16 on a GPU)
     reward               input: a DataFrame with `prompt` and `response`; output: one score per row
 
 The weights and the model's description travel as the artifact `bundle` (safetensors and JSON; tasks/serving/bundle.py),
@@ -20,7 +21,9 @@ class PalmRlhfModel(PythonModel):
     def load_context(self, context) -> None:
         from tasks.serving.bundle import read_bundle
 
-        self.bundle = read_bundle(context.artifacts["bundle"])
+        config = getattr(context, "model_config", None) or {}
+        self.bundle = read_bundle(context.artifacts["bundle"],
+                                  sampling_precision=config.get("sampling_precision", "auto"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         """model_input: MLflow's input check turns a list of prompts into a one-column table first."""

@@ -24,15 +24,15 @@ from tasks.serving.generation import GenerationError
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 
-def open_model(uri: str, device: str | None = None) -> Bundle:
+def open_model(uri: str, device: str | None = None, sampling_precision: str = "auto") -> Bundle:
     """The served model behind a registry URI (models:/name@alias, models:/name/3) or a checkpoint URI."""
     if uri.startswith("models:/"):
-        return read_bundle(_download_bundle(uri), device)
+        return read_bundle(_download_bundle(uri), device, sampling_precision)
     from tasks.serving.export import write_bundle
 
     folder = Path(tempfile.mkdtemp(prefix="palm-rlhf-bundle-"))
     write_bundle(uri, folder)
-    return read_bundle(folder, device)
+    return read_bundle(folder, device, sampling_precision)
 
 
 def _download_bundle(uri: str) -> Path:

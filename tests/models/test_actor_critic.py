@@ -86,3 +86,33 @@ def test_ppo_refuses_greedy_rollouts():
     with pytest.raises(ValueError, match="temperature must be above 0"):
         make_experience(trainer.actor_critic, trainer.reward_model, prompts, torch.ones_like(prompts, dtype=torch.bool),
                         max_new_tokens=3, kl_coef=0.1, cfg=PPOConfig(), temperature=0.0)
+
+
+def test_rollouts_drawn_in_bf16_keep_the_training_precisions_log_probs():
+    """sample_dtype=bf16 draws the tokens from a bf16 copy of the policy (the same tokens that copy draws on the same
+    generator), while the log-probs the importance ratio starts from are the fp32 policy's own: the ratio of the first
+    update is exactly 1, not off by bf16's rounding."""
+    import copy
+
+    from models.actor_critic import action_outputs, make_experience
+    from models.ppo import PPOConfig
+    from tests.models.conftest import tiny_trainer
+
+    trainer = tiny_trainer()
+    ac = trainer.actor_critic.eval()
+    prompts = torch.randint(0, 60, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompts, dtype=torch.bool)
+    exp = make_experience(ac, trainer.reward_model, prompts, mask, max_new_tokens=6, kl_coef=0.1, cfg=PPOConfig(),
+                          generator=torch.Generator().manual_seed(1), sample_dtype=torch.bfloat16)
+    assert ac.palm.token_emb.weight.dtype == torch.float32  # the policy that trains was left as it was
+    bf16 = copy.deepcopy(ac.palm).to(torch.bfloat16)
+    with torch.no_grad():
+        drawn = bf16.sample(prompts, mask, 6, filter_thres=0.0, finetune_scope=ac.actor_scope,
+                            generator=torch.Generator().manual_seed(1))
+        T = exp.num_actions
+        fp32 = action_outputs(ac, exp.sequences, exp.sequence_mask, T)["logprobs"]
+        low = bf16(exp.sequences[:, :-1], finetune_scope=ac.actor_scope)[:, -T:].float().log_softmax(-1)
+        low = low.gather(-1, exp.sequences[:, -T:, None])[..., 0]
+    assert torch.equal(exp.sequences[:, -T:], drawn.tokens)
+    assert torch.equal(exp.logprobs, fp32)
+    assert not torch.allclose(exp.logprobs, low, atol=1e-4)  # bf16's own log-probs differ: the check can fail

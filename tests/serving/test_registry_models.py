@@ -148,3 +148,22 @@ def test_complete_refuses_a_reward_model_and_a_too_large_top_k(registry):
     policy = open_model(registry["ppo"].checkpoint_uri, device="cpu")
     with pytest.raises(GenerationError, match="top_k must be at most the vocabulary size 258"):
         complete(policy, ["x"], GenerationParams(top_k=300))
+
+
+def test_a_version_loads_to_answer_in_bf16_through_model_config(registry):
+    """MLflow's load-time model_config picks the writer's precision; the reward model beside it keeps scoring in fp32,
+    and the bf16 writer answers the same requests as reproducibly as the fp32 one. A bad value is refused by name."""
+    import mlflow
+
+    from tasks.serving.bundle import BundleError
+
+    model = mlflow.pyfunc.load_model("models:/palm-policy@candidate", model_config={"sampling_precision": "bf16"})
+    bundle = model.unwrap_python_model().bundle
+    assert bundle.palm.token_emb.weight.dtype == torch.bfloat16
+    assert next(bundle.reward.parameters()).dtype == torch.float32
+    params = {"max_new_tokens": 8, "seed": 3, "num_samples": 2, "return_scores": True}
+    answers = model.predict(["The function"], params=params)
+    assert answers.equals(model.predict(["The function"], params=params)) and len(answers) == 1
+    assert load("palm-policy").unwrap_python_model().bundle.palm.token_emb.weight.dtype == torch.float32  # auto on a CPU
+    with pytest.raises(BundleError, match="sampling_precision must be one of auto, fp32, bf16, got 'fp16'"):
+        open_model(registry["ppo"].checkpoint_uri, device="cpu", sampling_precision="fp16")

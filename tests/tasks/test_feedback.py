@@ -82,3 +82,51 @@ def test_the_reward_model_learns_from_the_tokens_that_were_sampled(pretrained, t
     mine = read_feedback(str(tmp_path / "users.csv"), rating_scale=(1, 5), empty_responses=True)
     fitted = prepare_feedback(mine, tokenizer, 64, "cut", "users.csv").frame[FITTED]
     assert [f.response for f in fitted] == [tokenizer.encode(r) + [tokenizer.eos_id] for r in mine.frame["response"]]
+
+
+def test_sampling_precision_is_a_runtime_setting_that_feedback_draws_in(pretrained, monkeypatch):
+    """`runtime.sampling_precision`: auto is fp32 on a CPU; bf16 draws the answers from a bf16 copy of the model (the
+    very tokens that copy draws on the same seed); anything else is refused by name."""
+    import copy
+
+    from pydantic import ValidationError
+
+    from tasks.data.tables import RESPONSE_IDS
+    from tasks.data.tokens import encode_prompts, never_sampled
+    from tasks.runtime.stage import sampling_dtype
+    from tasks.storage.inputs import load_palm
+
+    cpu = torch.device("cpu")
+    assert sampling_dtype(RewardConfig().runtime, cpu) is None
+    assert sampling_dtype(RewardConfig().runtime, torch.device("cuda")) == torch.bfloat16
+    config = RewardConfig(num_prompts=4, samples_per_prompt=1, prompt_chars=16, response_tokens=12, temperature=1.0)
+    config.runtime.sampling_precision = "bf16"
+    assert sampling_dtype(config.runtime, cpu) == torch.bfloat16
+    with pytest.raises(ValidationError, match="sampling_precision"):
+        config.runtime.sampling_precision = "fp16"
+
+    sampled_in, sample = [], PaLM.sample
+
+    def spy(self, *args, **kwargs):  # which weights drew the tokens
+        sampled_in.append(self.token_emb.weight.dtype)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(PaLM, "sample", spy)
+    corpus = builtin_corpus()
+    rows = pd.read_parquet(simulate_feedback(pretrained, config, corpus, text_digest(corpus), "cpu",
+                                             sampling_dtype(config.runtime, cpu))["ratings_uri"])
+    assert set(sampled_in) == {torch.bfloat16}
+    tokenizer = pretrained.tokenizer
+    ids, mask = encode_prompts(list(rows["prompt"]), tokenizer)
+    palm = copy.deepcopy(load_palm(pretrained, "cpu").eval()).to(torch.bfloat16)
+    with torch.no_grad():
+        gen = sample(palm, ids, mask, 12, filter_thres=0.0, generator=torch.Generator().manual_seed(config.seed),
+                     eos_token=tokenizer.eos_id, pad_value=tokenizer.pad_id,
+                     suppress_tokens=never_sampled(tokenizer, palm.config.num_tokens))
+    assert [list(r) for r in rows[RESPONSE_IDS]] == [row[m].tolist() for row, m in zip(gen.tokens, gen.mask)]
+
+    sampled_in.clear()
+    config.runtime.sampling_precision = "auto"
+    simulate_feedback(pretrained, config.model_copy(update={"num_prompts": 2}), corpus, text_digest(corpus), "cpu",
+                      sampling_dtype(config.runtime, cpu))
+    assert set(sampled_in) == {torch.float32}
