@@ -108,10 +108,17 @@ class FirstLettersLabeler(RealWordsLabeler):
     """Rates which real words a response uses: the more of them begin with a letter from a to m, the better.
 
     Rater instruction: read the response only. Split it into words as for the real-words rater and keep the real
-    ones (in the vocabulary; a last word cut off by the length limit counts when it begins a vocabulary word). With
-    fewer than ``min_words`` real words, give 1 star. Otherwise give 1 + 4 x (share of the real words that begin
-    with a to m) stars, rounded to the nearest half star (halves up); a word counts toward the share at most
-    ``max_repeats`` times ("and and and and" is half a-to-m). Words that are not real neither help nor hurt.
+    ones (in the vocabulary; a last word cut off by the length limit counts when it begins a vocabulary word). Count
+    the real words that begin with a to m, a word at most ``max_repeats`` times ("and and and and" is half a-to-m).
+    Give 1 + 4 x (a-to-m words + 1/2) / (real words + 1) stars, rounded to the nearest half star (halves up): the
+    share as if half a word of each kind had been added, so that a response with few real words says little either
+    way and is rated near the middle (none at all is 3 stars), and each further word moves it toward its own share.
+    Words that are not real neither help nor hurt.
+
+    Why not 1 star for a response with few words, as the real-words rater gives: it would rate the base model's
+    sharpness, not its taste. At lower temperatures the base model writes more real words and fewer near-empty
+    answers; with that rule the demo-hard pretrained policy gained about 0.15 stars from T = 0.7 alone while its
+    a-to-m share did not move (0.549 at T = 1, 0.553 at T = 0.7).
 
     It is a taste a language model does not learn from text: what makes a response likely (real, common words, in
     an order the corpus uses) is what it shares with every other response, and which half of the alphabet its words
@@ -120,10 +127,11 @@ class FirstLettersLabeler(RealWordsLabeler):
     """
 
     LETTERS = frozenset("abcdefghijklm")
+    PRIOR = 0.5  # imagined words of each kind
 
     @property
     def identity(self) -> str:
-        return "a-to-m/" + super().identity
+        return f"a-to-m(prior={self.PRIOR})/" + super().identity
 
     def shares(self, response: str) -> tuple[int, float]:
         """(the number of real words, the share of them beginning with a to m, repeats capped)."""
@@ -140,13 +148,12 @@ class FirstLettersLabeler(RealWordsLabeler):
         return real, early / real if real else 0.0
 
     def score(self, prompt: str, response: str) -> float:
-        return self.shares(response)[1]
+        """The share the stars are made of: (a-to-m words + PRIOR) / (real words + 2 PRIOR)."""
+        real, share = self.shares(response)
+        return (share * real + self.PRIOR) / (real + 2 * self.PRIOR)
 
     def rate(self, prompt: str, response: str) -> float:
-        real, share = self.shares(response)
-        if real < self.min_words:
-            return MIN_RATING
-        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * share
+        stars = MIN_RATING + (MAX_RATING - MIN_RATING) * self.score(prompt, response)
         return math.floor(stars * 2 + 0.5) / 2
 
 

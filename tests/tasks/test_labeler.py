@@ -159,15 +159,18 @@ A_TO_M_VOCABULARY = ["the", "cat", "and", "a", "dog", "is", "in", "it", "to", "o
 @pytest.mark.parametrize(
     "response, stars",
     [
-        ("the cat and a dog", 4.0),  # 4 of 5 real words begin a-m: 1 + 4 x 0.8 = 4.2 -> 4
-        ("and a cat is", 5.0),  # all four
-        ("to of the was that", 1.0),  # none
-        ("the dog was in it", 3.5),  # 3 of 5: 1 + 2.4 = 3.4 -> 3.5
-        ("and and and and a", 3.5),  # "and" counts twice: (2 + 1) of 5 = 0.6 -> 3.4 -> 3.5
-        ("xq zz and", 1.0),  # one real word: under min_words
-        ("xq zz and a it to", 4.0),  # non-words neither help nor hurt: 3 of 4 -> 4.0
-        ("the cat and a dogg", 4.0),  # "dogg" begins no real word and is left out: 3 of 4 -> 4.0
+        # 1 + 4 x (a-to-m + 0.5) / (real + 1), to the nearest half star
+        ("the cat and a dog", 4.0),  # 4 of 5 real words begin a-m: 1 + 4 x 4.5 / 6 = 4.0
+        ("and a cat is", 4.5),  # all four: 1 + 4 x 4.5 / 5 = 4.6 -> 4.5
+        ("to of the was that", 1.5),  # none of five: 1 + 4 x 0.5 / 6 = 1.33 -> 1.5
+        ("the dog was in it", 3.5),  # 3 of 5: 1 + 4 x 3.5 / 6 = 3.33 -> 3.5
+        ("and and and and a", 3.5),  # "and" counts twice: (2 + 1) of 5 -> 3.33 -> 3.5
+        ("xq zz and", 4.0),  # one real word, a-m: 1 + 4 x 1.5 / 2 = 4.0
+        ("xq zz", 3.0),  # no real word says nothing: the middle, 1 + 4 x 0.5 / 1
+        ("xq zz and a it to", 4.0),  # non-words neither help nor hurt: 3 of 4 -> 1 + 4 x 3.5 / 5 = 3.8 -> 4.0
+        ("the cat and a dogg", 4.0),  # "dogg" begins no real word and is left out: 3 of 4 -> 3.8 -> 4.0
         ("the cat and a do", 4.0),  # "do" begins "dog": 4 of 5
+        ("and a in is it he had cat and a in is it he had cat", 5.0),  # 16 of 16, with repeats: 1 + 4 x 16.5 / 17
     ],
 )
 def test_a_to_m_rater_by_hand(response, stars):
@@ -179,4 +182,4 @@ def test_a_to_m_is_builtin_and_told_apart_from_real_words_in_cache_keys():
     corpus = " ".join(A_TO_M_VOCABULARY)
     hard, easy = load_labeler("builtin:a-to-m", corpus), load_labeler("builtin:real-words", corpus)
     assert isinstance(hard, FirstLettersLabeler) and hard.identity != easy.identity
-    assert hard.rate("", "to of the was that") == 1.0 and easy.rate("", "to of the was that") == 5.0
+    assert hard.rate("", "to of the was that") == 1.5 and easy.rate("", "to of the was that") == 5.0
