@@ -117,8 +117,8 @@ class FirstLettersLabeler(RealWordsLabeler):
 
     Why not 1 star for a response with few words, as the real-words rater gives: it would rate the base model's
     sharpness, not its taste. At lower temperatures the base model writes more real words and fewer near-empty
-    answers; with that rule the demo-hard pretrained policy gained about 0.15 stars from T = 0.7 alone while its
-    a-to-m share did not move (0.549 at T = 1, 0.553 at T = 0.7).
+    answers; with that rule the demo-hard pretrained policy gained 0.13 stars from T = 0.7 alone (512 answers; 0.19 in
+    an evaluation) while its a-to-m share did not move (0.549 at T = 1, 0.553 at T = 0.7). With this one: 0.03.
 
     It is a taste a language model does not learn from text: what makes a response likely (real, common words, in
     an order the corpus uses) is what it shares with every other response, and which half of the alphabet its words
