@@ -62,8 +62,8 @@ def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer:
             ids, mask = left_padded([r for _, r in batch], tokenizer.pad_id)
             ids, mask = ids.to(device), mask.to(device)
             gen = sampler.sample(ids, mask, max_new_tokens, temperature=temperature, filter_thres=0.0,
-                              finetune_scope=scope, generator=generator, eos_token=tokenizer.eos_id,
-                              pad_value=tokenizer.pad_id, suppress_tokens=banned)
+                                 finetune_scope=scope, generator=generator, eos_token=tokenizer.eos_id,
+                                 pad_value=tokenizer.pad_id, suppress_tokens=banned)
             seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
             prompt_part = torch.cat((mask, torch.zeros_like(gen.mask)), dim=-1)
             scores.append(rm.score(seq, mask=seq_mask, prompt_mask=prompt_part).float().cpu())
