@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="demo", help="demo (minutes; default), demo-hard or tiny (seconds per stage)")
+        p.add_argument("--preset", default="demo",
+                       help="demo (minutes; default), demo-hard or tiny (seconds per stage)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                        help="override a setting, e.g. --set ppo.kl_coef=0.2 (repeatable)")
         p.add_argument("--summary", type=Path, help="write the stage results as JSON to this file")

@@ -91,6 +91,19 @@ def sample_token(logits: Tensor, temperature: float, filter_thres: float | None,
     return (probs / race).argmax(dim=-1)
 
 
+SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def sampling_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The dtype to draw tokens in for a sampling precision (None: fp32, the model's own). "auto" is bf16 on a GPU and
+    fp32 on a CPU, where bf16 decoding measured slower at every batch size (benchmarks/RESULTS.md)."""
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"sampling_precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def in_precision(palm, dtype: torch.dtype | None):
     """The model to sample from in `dtype`: `palm` itself when it already is in it (or dtype is None), otherwise a
     copy cast to it, LoRA scopes included. The caller's model, and what it trains, stay as they are; log-probs that

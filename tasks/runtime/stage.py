@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import torch
 from pydantic import BaseModel
 
+from models.sampling import sampling_dtype as dtype_for_sampling
 from tasks.config import Runtime, as_params
 from tasks.redact import redact, redact_uri
 from tasks.runtime import signals
@@ -122,10 +123,7 @@ def resolve_runtime(runtime: Runtime) -> tuple[torch.device, torch.dtype | None]
 def sampling_dtype(runtime: Runtime, device: torch.device) -> torch.dtype | None:
     """The precision to draw tokens in (None: the model's own, fp32): runtime.sampling_precision, where "auto" is bf16
     on a GPU and fp32 on a CPU."""
-    precision = runtime.sampling_precision
-    if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    return dtype_for_sampling(runtime.sampling_precision, device)
 
 
 def run_key(stage: str, config: BaseModel, inputs: dict[str, str | None], *, code: bool = True) -> str:

@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors
 
 from models.palm import PaLM
 from models.reward import RewardModel
+from models.sampling import sampling_dtype
 from tasks.data.tokenizer import Tokenizer, tokenizer_from_file
 
 BUNDLE_FORMAT = 1
@@ -86,27 +87,25 @@ def read_info(folder: str | Path) -> dict:
     return info
 
 
-SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def read_bundle(folder: str | Path, device: str | torch.device | None = None,
                 sampling_precision: str = "auto") -> Bundle:
     """Load a served model's folder onto `device` (the GPU when there is one, by default), in eval mode. The writer
     answers in `sampling_precision`: "auto" is bf16 on a GPU and fp32 on a CPU (where bf16 decoding measured slower,
     benchmarks/RESULTS.md); a reward model always scores in fp32."""
-    if sampling_precision not in SAMPLING_PRECISIONS:
-        raise BundleError(f"sampling_precision must be one of {', '.join(SAMPLING_PRECISIONS)}, "
-                          f"got {sampling_precision!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dtype = sampling_dtype(sampling_precision, device)
+    except ValueError as err:
+        raise BundleError(str(err)) from None
     folder = Path(folder)
     info = read_info(folder)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = info["files"]
     tokenizer = tokenizer_from_file(_verified(folder, TOKENIZER, files[TOKENIZER]))
     bundle = Bundle(info["kind"], info, tokenizer, device, defaults=info.get("defaults", {}))
     if info["kind"] in ("palm", "policy"):
         bundle.palm = _module(PaLM.from_config(info["palm"]), _verified(folder, WEIGHTS, files[WEIGHTS]), device)
-        if sampling_precision == "bf16" or (sampling_precision == "auto" and device.type == "cuda"):
-            bundle.palm = bundle.palm.to(torch.bfloat16)  # it only samples: nothing trains or takes log-probs here
+        if dtype is not None:
+            bundle.palm = bundle.palm.to(dtype)  # it only samples: nothing trains or takes log-probs here
     reward = info.get("reward")
     if reward is not None:
         name = WEIGHTS if info["kind"] == "reward" else REWARD_WEIGHTS

@@ -137,7 +137,8 @@ def sets(name: str, setting: str, *flags: str) -> list[str]:
 # case -> (CLI arguments, given the paths of the inputs; what the one line must say)
 CASES = {
     # settings
-    "unknown preset": (lambda p: ["run", "--preset", "huge"], r"unknown preset 'huge'; choose one of demo, demo-hard, tiny"),
+    "unknown preset": (lambda p: ["run", "--preset", "huge"],
+                       r"unknown preset 'huge'; choose one of demo, demo-hard, tiny"),
     "unknown setting": (lambda p: sets("pretrain", "pretrain.lrate=0.1"), r"unknown setting 'pretrain.lrate'"),
     "setting without key=value": (lambda p: sets("pretrain", "pretrain.steps"), r"--set expects key=value"),
     "negative steps": (lambda p: sets("pretrain", "pretrain.steps=-5"), r"pretrain.steps: Input should be greater"),

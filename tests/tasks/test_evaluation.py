@@ -188,11 +188,12 @@ def test_two_evaluations_deciding_at_once_leave_one_champion(registry):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("rigged, steps", [("tests.flows.raters:Repetition", 12), ("tests.flows.raters:RepeatedWord", 16)])
+@pytest.mark.parametrize("rigged, steps", [("tests.flows.raters:Repetition", 12),
+                                           ("tests.flows.raters:RepeatedWord", 16)])
 def test_a_policy_that_games_a_rigged_rater_is_flagged_and_never_promoted(rigged, steps, tmp_path, monkeypatch):
-    """The rater pays for repeating one character, or one word; with PPO's budget switched off and a fast learner, the policy
-    collapses onto it. The oracle (the same rigged rater) loves the result; the alarm fires all the same, PPO warned
-    while it ran, and the gate keeps the policy out."""
+    """The rater pays for repeating one character, or one word; with PPO's budget switched off and a fast learner, the
+    policy collapses onto it. The oracle (the same rigged rater) loves the result; the alarm fires all the same, PPO
+    warned while it ran, and the gate keeps the policy out."""
     from tasks.config import apply_overrides, tiny
     from tasks.evaluate import run_eval
     from tasks.ppo import run_ppo
