@@ -49,41 +49,79 @@ def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.Da
     return frame[~heldout].reset_index(drop=True), frame[heldout].reset_index(drop=True)
 
 
+def _by_length(rows: list, batch: int, score) -> torch.Tensor:
+    """score(batch of rows) -> (b,) for every row, in batches of rows of like length (less padding to compute), in
+    the rows' own order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) + len(rows[i].response))
+    out = torch.zeros(len(rows))
+    for i in range(0, len(order), batch):
+        chunk = order[i:i + batch]
+        out[chunk] = score([rows[j] for j in chunk]).float().cpu()
+    return out
+
+
 @torch.no_grad()
 def score_rows(rm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
     """The reward model's raw score of each fitted (prompt, response) row."""
+    def score(chunk):
+        ids, mask, pmask = (t.to(device) for t in dialogue_batch(chunk, pad_id))
+        return rm.score(ids, mask=mask, prompt_mask=pmask)
+
+    was_training = rm.training
     rm.eval()
-    out = []
-    for i in range(0, len(rows), batch):
-        ids, mask, pmask = dialogue_batch(rows[i:i + batch], pad_id)
-        out.append(rm.score(ids.to(device), mask=mask.to(device), prompt_mask=pmask.to(device)).float().cpu())
-    rm.train()
-    return torch.cat(out) if out else torch.zeros(0)
+    try:
+        return _by_length(rows, batch, score)
+    finally:
+        rm.train(was_training)
 
 
 @torch.no_grad()
 def mean_loglik(palm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
     """The base model's mean log-likelihood per response token of each fitted (prompt, response) row."""
-    was_training, out = palm.training, []
-    palm.eval()
-    for i in range(0, len(rows), batch):
-        ids, mask, pmask = (t.to(device) for t in dialogue_batch(rows[i:i + batch], pad_id))
+    def score(chunk):
+        ids, mask, pmask = (t.to(device) for t in dialogue_batch(chunk, pad_id))
         logits = palm(ids[:, :-1], mask=mask[:, :-1]).float()
         logp = logits.log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # each next token's
         response = (mask & ~pmask)[:, 1:].float()
-        out.append(((logp * response).sum(-1) / response.sum(-1).clamp(min=1)).cpu())
-    palm.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+        return (logp * response).sum(-1) / response.sum(-1).clamp(min=1)
+
+    was_training = palm.training
+    palm.eval()
+    try:
+        return _by_length(rows, batch, score)
+    finally:
+        palm.train(was_training)
 
 
-def heldout_pairs(feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale) -> tuple[list, list]:
-    """The held-out (chosen, rejected) rows: the pairs themselves, or pairs of ratings a clear margin apart."""
-    if feedback.kind != "ratings":
-        return [f[0] for f in heldout[FITTED]], [f[1] for f in heldout[FITTED]]
-    pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin * (scale[1] - scale[0]) / 4, seed=config.seed)
-    fitted = {(p, r): f for p, r, f in zip(heldout["prompt"], heldout["response"], heldout[FITTED])}
-    return ([fitted[(p, c)] for p, c in zip(pairs["prompt"], pairs["chosen"])],
-            [fitted[(p, r)] for p, r in zip(pairs["prompt"], pairs["rejected"])])
+class HeldoutPairs:
+    """The held-out (chosen, rejected) pairs: the pairs themselves, or pairs of held-out ratings a clear margin apart.
+    For ratings, each held-out row is scored once and the pairs are read off those scores (`of(row_scores)`)."""
+
+    def __init__(self, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale):
+        self.kind, self.heldout = feedback.kind, heldout
+        if self.kind != "ratings":
+            self.chosen = [f[0] for f in heldout[FITTED]]
+            self.rejected = [f[1] for f in heldout[FITTED]]
+            self.count = len(heldout)
+            return
+        pairs = pairs_from_ratings(heldout, min_margin=config.pair_margin * (scale[1] - scale[0]) / 4,
+                                   seed=config.seed)
+        position: dict[tuple[str, str], int] = {}
+        for i, key in enumerate(zip(heldout["prompt"], heldout["response"])):
+            position.setdefault(key, i)  # one response rated several times: the same tokens, the same score
+        self.chosen_at = torch.tensor([position[k] for k in zip(pairs["prompt"], pairs["chosen"])], dtype=torch.long)
+        self.rejected_at = torch.tensor([position[k] for k in zip(pairs["prompt"], pairs["rejected"])],
+                                        dtype=torch.long)
+        self.count = len(pairs)
+
+    def scores(self, score, row_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) scores; `score(list of fitted rows)` scores rows, `row_scores` are the held-out rows'
+        scores when already computed."""
+        if self.kind != "ratings":
+            return score(self.chosen), score(self.rejected)
+        if row_scores is None:
+            row_scores = score(list(self.heldout[FITTED]))
+        return row_scores[self.chosen_at], row_scores[self.rejected_at]
 
 
 def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -94,28 +132,24 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
 
 
-def heldout_metrics(rm, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale,
-                    context: int, pad_id: int, device) -> dict[str, float]:
-    metrics = {}
-    if feedback.kind == "ratings":
-        scores = score_rows(rm, list(heldout[FITTED]), pad_id, device)
-        ratings = score_to_rating(scores, scale, config.model.num_binned_output)
-        truth = torch.tensor(heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
+def heldout_metrics(rm, pairs: HeldoutPairs, scale, bins: int, pad_id: int, device) -> dict[str, float]:
+    metrics, scores = {}, None
+    if pairs.kind == "ratings":
+        scores = score_rows(rm, list(pairs.heldout[FITTED]), pad_id, device)
+        ratings = score_to_rating(scores, scale, bins)
+        truth = torch.tensor(pairs.heldout["rating"].to_numpy(dtype=float), dtype=torch.float32)
         metrics["heldout_rating_rmse"] = float(((ratings - truth) ** 2).mean().sqrt())
-    chosen, rejected = heldout_pairs(feedback, heldout, config, scale)
-    metrics["heldout_pair_accuracy"] = pair_accuracy(score_rows(rm, chosen, pad_id, device),
-                                                     score_rows(rm, rejected, pad_id, device))
-    metrics["heldout_pairs"] = float(len(chosen))
+    chosen, rejected = pairs.scores(lambda rows: score_rows(rm, rows, pad_id, device), scores)
+    metrics["heldout_pair_accuracy"] = pair_accuracy(chosen, rejected)
+    metrics["heldout_pairs"] = float(pairs.count)
     return metrics
 
 
-def likelihood_pair_accuracy(palm, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale,
-                             pad_id: int, device) -> float:
+def likelihood_pair_accuracy(palm, pairs: HeldoutPairs, pad_id: int, device) -> float:
     """How well the base model's own mean log-likelihood ranks the held-out pairs: near 1, the preference is one the
     pretrained model already has (sharpening it, e.g. a lower temperature, gets most of the way); near 0.5, it is
     new to the model, and only learning it (RLHF) can follow it."""
-    chosen, rejected = heldout_pairs(feedback, heldout, config, scale)
-    return pair_accuracy(mean_loglik(palm, chosen, pad_id, device), mean_loglik(palm, rejected, pad_id, device))
+    return pair_accuracy(*pairs.scores(lambda rows: mean_loglik(palm, rows, pad_id, device)))
 
 
 def _batch_loss(rm, rows: pd.DataFrame, kind: str, bins: int, scale, pad_id: int, device):
@@ -146,13 +180,13 @@ class RewardFitting:
         self.config, self.pretrained, self.feedback, self.source = config, pretrained, feedback, source
         self.prompts = prompts  # the prompt sets written for PPO and evaluation (user feedback only)
         self.steps, self.checkpoint_every = config.steps, config.checkpoint_every
-        self.context = pretrained.palm_config["max_seq_len"]
         self.pad_id = pretrained.tokenizer.pad_id
         self.scale = tuple(source["rating_scale"]) if source.get("rating_scale") else None
         self.model_config = {"palm": pretrained.palm_config, **asdict(config.model)}
 
     def start(self, run: StageRun, resumed: Checkpoint | None) -> None:
         self.train_rows, self.heldout = split_by_prompt(self.feedback.frame, self.config.heldout_fraction)
+        self.pairs = HeldoutPairs(self.feedback, self.heldout, self.config, self.scale)
         palm = load_palm(self.pretrained, "cpu")
         torch.manual_seed(self.config.seed)  # the LoRA and head initialisation
         self.rm = RewardModel.from_config(palm, self.config.model).to(run.device)
@@ -191,7 +225,7 @@ class RewardFitting:
             metrics["train_pair_accuracy"] = stats["accuracy"]
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             with parallel.gathered(self.batch_loss):  # every rank evaluates: FSDP gathers collectively
-                metrics.update(heldout_metrics(self.rm, self.feedback, self.heldout, cfg, self.scale, self.context,
+                metrics.update(heldout_metrics(self.rm, self.pairs, self.scale, cfg.model.num_binned_output,
                                                self.pad_id, self.device))
         if done == cfg.steps:
             with parallel.gathered(self.batch_loss):
@@ -199,8 +233,8 @@ class RewardFitting:
             self.records["score_norm"] = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
             finite_or_raise("the mean reward-model score", self.records["score_norm"]["mean"])
             with parallel.gathered(self.batch_loss):
-                metrics["likelihood_pair_accuracy"] = likelihood_pair_accuracy(
-                    self.rm.palm, self.feedback, self.heldout, cfg, self.scale, self.pad_id, self.device)
+                metrics["likelihood_pair_accuracy"] = likelihood_pair_accuracy(self.rm.palm, self.pairs, self.pad_id,
+                                                                               self.device)
             metrics.update(self.feedback.stats)  # what reading the feedback took, once, with the final numbers
         return metrics
 

@@ -55,6 +55,7 @@ def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer:
     sampler = in_precision(palm, sample_dtype)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     rows = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(samples)]
+    same_as_reference = palm is reference and scope is None  # the pretrained arms: one forward pass serves both
     texts, tokens, scores, kls, lengths, stopped, entropies = [], [], [], [], [], [], []
     with progress_bar(f"eval {label}", len(prompts)) as show:
         for start in range(0, len(rows), ROWS):
@@ -67,12 +68,14 @@ def sample_policy(palm: PaLM, scope: str | None, reference: PaLM, rm, tokenizer:
             seq, seq_mask, T = gen.sequences, gen.sequence_mask, gen.tokens.shape[1]
             prompt_part = torch.cat((mask, torch.zeros_like(gen.mask)), dim=-1)
             scores.append(rm.score(seq, mask=seq_mask, prompt_mask=prompt_part).float().cpu())
-            logits = palm(seq[:, :-1], mask=seq_mask[:, :-1], finetune_scope=scope)[:, -T:]
-            logits = sampling_logits(logits.float() / temperature, banned)
+            raw = palm(seq[:, :-1], mask=seq_mask[:, :-1], finetune_scope=scope)[:, -T:].float()
+            logits = sampling_logits(raw / temperature, banned)
             logp = gather_logprobs(logits, gen.tokens)
             entropy = entropy_from_logits(logits) * gen.mask
             entropies.append((entropy.sum(-1) / gen.mask.sum(-1).clamp(min=1)).cpu())
-            ref_logits = sampling_logits(reference(seq[:, :-1], mask=seq_mask[:, :-1])[:, -T:].float(), banned)
+            if not same_as_reference:
+                raw = reference(seq[:, :-1], mask=seq_mask[:, :-1])[:, -T:].float()
+            ref_logits = sampling_logits(raw, banned)
             ref_logp = gather_logprobs(ref_logits, gen.tokens)
             kls.append(((logp - ref_logp) * gen.mask).sum(-1).cpu())
             lengths.append(gen.mask.sum(-1).cpu())
