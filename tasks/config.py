@@ -302,7 +302,7 @@ def tiny() -> PipelineConfig:
                                 checkpoint_every=6),
         reward=RewardConfig(num_prompts=12, samples_per_prompt=3, prompt_chars=16, response_tokens=12,
                             model=RewardModelConfig(lora_r=4, head="per-token", head_hidden=64), steps=8, batch_size=8,
-                            checkpoint_every=4),
+                            lr=1e-3, checkpoint_every=4),
         ppo=PPOConfig(num_prompts=16, prompt_chars=16, max_new_tokens=12, steps=4, rollout_batch=4, minibatch_size=4,
                       algorithm=PPOAlgorithm(ppo_epochs=1, kl_coef=0.15, adaptive_kl=True, kl_target=6.0,
                                              kl_horizon=320), lora_r=4, checkpoint_every=2),
