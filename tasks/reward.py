@@ -49,53 +49,44 @@ def split_by_prompt(frame: pd.DataFrame, heldout_fraction: float) -> tuple[pd.Da
     return frame[~heldout].reset_index(drop=True), frame[heldout].reset_index(drop=True)
 
 
-def _by_length(rows: list, batch: int, score) -> torch.Tensor:
-    """score(batch of rows) -> (b,) for every row, in batches of rows of like length (less padding to compute), in
-    the rows' own order."""
+@torch.no_grad()
+def _per_row(model, rows: list, pad_id: int, device, batch: int, score) -> torch.Tensor:
+    """score(ids, mask, prompt_mask) -> (b,) for every fitted row, with `model` in eval mode (and left as it was
+    found), in batches of rows of like length (less padding to compute), returned in the rows' own order."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) + len(rows[i].response))
     out = torch.zeros(len(rows))
-    for i in range(0, len(order), batch):
-        chunk = order[i:i + batch]
-        out[chunk] = score([rows[j] for j in chunk]).float().cpu()
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(order), batch):
+            chunk = order[i:i + batch]
+            ids, mask, pmask = (t.to(device) for t in dialogue_batch([rows[j] for j in chunk], pad_id))
+            out[chunk] = score(ids, mask, pmask).float().cpu()
+    finally:
+        model.train(was_training)
     return out
 
 
-@torch.no_grad()
 def score_rows(rm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
     """The reward model's raw score of each fitted (prompt, response) row."""
-    def score(chunk):
-        ids, mask, pmask = (t.to(device) for t in dialogue_batch(chunk, pad_id))
-        return rm.score(ids, mask=mask, prompt_mask=pmask)
-
-    was_training = rm.training
-    rm.eval()
-    try:
-        return _by_length(rows, batch, score)
-    finally:
-        rm.train(was_training)
+    return _per_row(rm, rows, pad_id, device, batch,
+                    lambda ids, mask, pmask: rm.score(ids, mask=mask, prompt_mask=pmask))
 
 
-@torch.no_grad()
 def mean_loglik(palm, rows: list, pad_id: int, device, batch: int = 64) -> torch.Tensor:
     """The base model's mean log-likelihood per response token of each fitted (prompt, response) row."""
-    def score(chunk):
-        ids, mask, pmask = (t.to(device) for t in dialogue_batch(chunk, pad_id))
+    def score(ids, mask, pmask):
         logits = palm(ids[:, :-1], mask=mask[:, :-1]).float()
         logp = logits.log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # each next token's
         response = (mask & ~pmask)[:, 1:].float()
         return (logp * response).sum(-1) / response.sum(-1).clamp(min=1)
 
-    was_training = palm.training
-    palm.eval()
-    try:
-        return _by_length(rows, batch, score)
-    finally:
-        palm.train(was_training)
+    return _per_row(palm, rows, pad_id, device, batch, score)
 
 
 class HeldoutPairs:
     """The held-out (chosen, rejected) pairs: the pairs themselves, or pairs of held-out ratings a clear margin apart.
-    For ratings, each held-out row is scored once and the pairs are read off those scores (`of(row_scores)`)."""
+    For ratings, each held-out row is scored once and the pairs are read off those scores (`scores`)."""
 
     def __init__(self, feedback: PreparedFeedback, heldout: pd.DataFrame, config: RewardConfig, scale):
         self.kind, self.heldout = feedback.kind, heldout
